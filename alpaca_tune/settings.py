@@ -1,0 +1,156 @@
+"""Every user-facing setting, defined once.
+
+`TrainSettings` and `GenerateSettings` are the single source of truth for names, types,
+defaults, descriptions and allowed ranges. The Cog entry points (train.py, predict.py) build
+their `Input(...)`s from these fields and the local command line builds its argparse flags from
+them, so `cog train -i lora_rank=16` and `python train.py --lora_rank 16` mean the same thing.
+"""
+
+from __future__ import annotations
+
+from .errors import UserError
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SettingsError(UserError):
+    """A setting has a value outside what it allows; the message names the setting."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, ge=None, le=None, choices=None,
+           cog: bool = True):
+    """A dataclass field with the metadata the Cog Inputs and the CLI are built from.
+
+    cog=False marks a local-only setting (e.g. an output directory) that has no Cog Input.
+    """
+    meta = {"help": help, "ge": ge, "le": le, "choices": choices, "cog": cog}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainSettings:
+    train_data: str = option(help="Training data: a JSON array or JSONL file of {instruction, input, "
+                                  "output} records (Alpaca format) or {prompt, completion} records.")
+    num_train_epochs: float = option(3.0, "Passes over the training data (ignored when max_steps > 0).",
+                                     ge=0.01, le=1000)
+    max_steps: int = option(-1, "Optimizer steps to train for; -1 trains for num_train_epochs instead.",
+                            ge=-1, le=1_000_000)
+    learning_rate: float = option(3e-4, "Peak learning rate of AdamW.", ge=1e-7, le=1.0)
+    lr_scheduler: str = option("linear", "Learning-rate schedule after warmup.",
+                               choices=["linear", "cosine", "constant"])
+    warmup_steps: int = option(10, "Steps of linear learning-rate warmup from 0.", ge=0, le=100_000)
+    weight_decay: float = option(0.0, "AdamW weight decay.", ge=0.0, le=1.0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables clipping).", ge=0.0, le=1000.0)
+    train_batch_size: int = option(4, "Micro-batch: examples per forward/backward pass.", ge=1, le=1024)
+    gradient_accumulation_steps: int = option(
+        4, "Micro-batches per optimizer step (effective batch = train_batch_size x this).", ge=1, le=1024)
+    cutoff_len: int = option(512, "Maximum tokens per example (prompt + response); longer ones are "
+                                  "truncated and counted in the log.", ge=8, le=32768)
+    val_set_size: float = option(0.05, "Held-out validation records: a fraction of the data if < 1, "
+                                       "a number of records if >= 1, 0 for none.", ge=0.0, le=1_000_000)
+    lora_rank: int = option(8, "LoRA rank r.", ge=1, le=1024)
+    lora_alpha: int = option(16, "LoRA alpha (the update is scaled by alpha / r).", ge=1, le=4096)
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input.", ge=0.0, le=0.9)
+    lora_target_modules: str = option(
+        "q_proj,v_proj", "Comma-separated module names to adapt, or 'all-linear' for every linear "
+                         "layer but the output head.")
+    train_on_inputs: bool = option(False, "Also train on the prompt tokens (by default only the "
+                                          "response is learned; the prompt is masked out).")
+    prompt_template: str = option("alpaca", "Prompt template: 'alpaca', 'alpaca_short', 'none' "
+                                            "(raw text) or the path of a template JSON file.")
+    packing: bool = option(True, "Pack each micro-batch into one padding-free row (examples stay "
+                                 "isolated in attention); false pads each micro-batch instead.")
+    group_by_length: bool = option(True, "Put examples of similar length in the same micro-batch "
+                                         "(less padding; order is still shuffled per epoch).")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    quantization: str = option("none", "Load the frozen base in 8-bit or 4-bit (QLoRA) with "
+                                       "bitsandbytes; CUDA only.", choices=["none", "8bit", "4bit"])
+    logging_steps: int = option(5, "Log step, loss, lr, tokens/s and ETA every N optimizer steps.",
+                                ge=1, le=100_000)
+    eval_steps: int = option(0, "Evaluate every N optimizer steps (0: only at the end).", ge=0,
+                             le=1_000_000)
+    save_steps: int = option(0, "Write a resumable checkpoint every N optimizer steps (0: none).",
+                             ge=0, le=1_000_000)
+    seed: int = option(42, "Random seed: data split, shuffling, LoRA init and dropout.", ge=0,
+                       le=2**31 - 1)
+    # Local-only settings: Cog runs put outputs in a temp dir and the base in weights/.
+    output_dir: str = option("outputs/run", "Where the adapter archive, checkpoints, metrics and "
+                                            "loss plot are written.", cog=False)
+    base_model: str = option("", "Base model directory (default: weights/, or the embedded "
+                                 "SmolLM2 when weights/ holds no model).", cog=False)
+    resume_from_checkpoint: str = option("", "Checkpoint directory to continue from (its step, "
+                                             "optimizer and scheduler state).", cog=False)
+
+
+@dataclass
+class GenerateSettings:
+    prompt: str = option(help="The instruction to answer.")
+    input: str = option("", "Optional input/context for the instruction (Alpaca's 'input').")
+    max_new_tokens: int = option(256, "Maximum tokens to generate.", ge=1, le=8192)
+    temperature: float = option(0.7, "Sampling temperature; 0 means greedy decoding.", ge=0.0, le=5.0)
+    top_p: float = option(0.9, "Nucleus sampling: keep the smallest set of tokens whose probability "
+                               "sums to top_p.", ge=0.01, le=1.0)
+    top_k: int = option(40, "Sample only among the k most likely tokens (0 disables).", ge=0, le=100_000)
+    repetition_penalty: float = option(1.0, "Penalty for tokens already present (1.0: none).",
+                                       ge=0.01, le=10.0)
+    stop_sequences: str = option("", "Comma-separated strings that end the answer (not included).")
+    seed: int = option(-1, "Random seed for sampling (-1: a random seed).", ge=-1, le=2**31 - 1)
+    prompt_template: str = option("auto", "Prompt template: 'auto' (the one the adapter was trained "
+                                          "with, else 'alpaca'), 'alpaca', 'alpaca_short', 'none', or "
+                                          "a template JSON file.")
+
+
+def fields_of(cls, cog_only: bool = False) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cog", True) or not cog_only]
+
+
+def validate(settings) -> None:
+    """Raise SettingsError naming the first setting that is out of range or not allowed."""
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        meta = f.metadata
+        required = f.default is dataclasses.MISSING
+        if value is None or value is dataclasses.MISSING or (required and value == ""):
+            raise SettingsError(f"{f.name}: a value is required")
+        if meta.get("ge") is not None and value < meta["ge"]:
+            raise SettingsError(f"{f.name}={value!r}: must be >= {meta['ge']}")
+        if meta.get("le") is not None and value > meta["le"]:
+            raise SettingsError(f"{f.name}={value!r}: must be <= {meta['le']}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise SettingsError(f"{f.name}={value!r}: must be one of {', '.join(map(str, meta['choices']))}")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser(cls, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one --flag per field: same names, types and defaults as Cog's."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = {"bool": _parse_bool, "int": int, "float": float}.get(str(f.type), str)
+        required = f.default is dataclasses.MISSING
+        parser.add_argument(f"--{f.name}", type=kind, required=required, help=f.metadata["help"],
+                            choices=f.metadata.get("choices"),
+                            default=None if required else f.default)
+    return parser
+
+
+def parse_args(cls, argv: list[str] | None, description: str):
+    """Parse a command line into a validated settings object; exits 2 with a message on error."""
+    parser = build_parser(cls, description)
+    settings = cls(**vars(parser.parse_args(argv)))
+    try:
+        validate(settings)
+    except SettingsError as err:
+        parser.error(str(err))
+    return settings
