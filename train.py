@@ -1,0 +1,70 @@
+"""Cog trainer: Alpaca-format data in, a LoRA adapter archive out.
+
+    cog train -i train_data=@alpaca_data_cleaned.json -i lora_rank=16
+    python train.py --train_data alpaca_data_cleaned.json --lora_rank 16      # same, without Docker
+
+Thin on purpose: Cog Inputs / command-line flags -> TrainSettings -> alpaca_tune.training.
+"""
+
+import sys
+import tempfile
+
+from cog import BaseModel, Input, Path  # noqa: F401  (Input: used through cog_input)
+
+from alpaca_tune.cli import run_or_exit, setup_logging
+from alpaca_tune.settings import TrainSettings, parse_args
+from alpaca_tune.training import run_training
+from cog_inputs import cog_input
+
+T = TrainSettings
+
+
+class TrainingOutput(BaseModel):
+    weights: Path
+
+
+def train(
+    train_data: Path = cog_input(T, "train_data"),
+    num_train_epochs: float = cog_input(T, "num_train_epochs"),
+    max_steps: int = cog_input(T, "max_steps"),
+    learning_rate: float = cog_input(T, "learning_rate"),
+    lr_scheduler: str = cog_input(T, "lr_scheduler"),
+    warmup_steps: int = cog_input(T, "warmup_steps"),
+    weight_decay: float = cog_input(T, "weight_decay"),
+    max_grad_norm: float = cog_input(T, "max_grad_norm"),
+    train_batch_size: int = cog_input(T, "train_batch_size"),
+    gradient_accumulation_steps: int = cog_input(T, "gradient_accumulation_steps"),
+    cutoff_len: int = cog_input(T, "cutoff_len"),
+    val_set_size: float = cog_input(T, "val_set_size"),
+    lora_rank: int = cog_input(T, "lora_rank"),
+    lora_alpha: int = cog_input(T, "lora_alpha"),
+    lora_dropout: float = cog_input(T, "lora_dropout"),
+    lora_target_modules: str = cog_input(T, "lora_target_modules"),
+    train_on_inputs: bool = cog_input(T, "train_on_inputs"),
+    prompt_template: str = cog_input(T, "prompt_template"),
+    packing: bool = cog_input(T, "packing"),
+    group_by_length: bool = cog_input(T, "group_by_length"),
+    gradient_checkpointing: bool = cog_input(T, "gradient_checkpointing"),
+    quantization: str = cog_input(T, "quantization"),
+    logging_steps: int = cog_input(T, "logging_steps"),
+    eval_steps: int = cog_input(T, "eval_steps"),
+    save_steps: int = cog_input(T, "save_steps"),
+    seed: int = cog_input(T, "seed"),
+) -> TrainingOutput:
+    inputs = dict(locals())
+    inputs["train_data"] = str(inputs["train_data"])
+    setup_logging()
+    settings = TrainSettings(**inputs, output_dir=tempfile.mkdtemp(prefix="train-"))
+    result = run_training(settings)
+    return TrainingOutput(weights=Path(result.archive))
+
+
+def main(argv=None) -> None:
+    settings = parse_args(TrainSettings, argv, "Fine-tune a LoRA adapter on Alpaca-format data.")
+    setup_logging()
+    result = run_or_exit(run_training, settings)
+    print(f"adapter archive: {result.archive}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
