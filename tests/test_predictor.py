@@ -1,0 +1,134 @@
+"""predict.py's Predictor in-process, with an adapter trained here, and the archive's safety."""
+
+import io
+import tarfile
+
+import pytest
+
+from alpaca_tune import artifacts
+from alpaca_tune.settings import TrainSettings
+from alpaca_tune.training import run_training
+from conftest import TINY_RECORDS
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    import json
+
+    directory = tmp_path_factory.mktemp("trained")
+    data = directory / "data.json"
+    data.write_text(json.dumps(TINY_RECORDS * 4))
+    settings = TrainSettings(train_data=str(data), base_model=str(tiny_model_dir), output_dir=str(directory / "out"),
+                             max_steps=6, learning_rate=1e-2, train_batch_size=4, gradient_accumulation_steps=1,
+                             val_set_size=0, lora_rank=4, prompt_template="alpaca_short", seed=1)
+    return run_training(settings)
+
+
+@pytest.fixture
+def predictor_factory(monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("ALPACA_TUNE_BASE", str(tiny_model_dir))
+    from predict import Predictor
+
+    def make(weights):
+        predictor = Predictor()
+        predictor.setup(weights)
+        return predictor
+    return make
+
+
+def _predict(predictor, **inputs):
+    """Call predict() as Cog does: every input given, defaults filled in from the Input objects."""
+    import inspect
+
+    values = {name: p.default.default for name, p in inspect.signature(predictor.predict).parameters.items()
+              if name != "prompt"}
+    values.update(inputs)
+    return predictor.predict(**values)
+
+
+@pytest.mark.parametrize("form", ["archive", "directory"])
+def test_predictor_streams_with_adapter(trained, predictor_factory, form):
+    weights = str(trained.archive if form == "archive" else trained.adapter_dir)
+    predictor = predictor_factory(weights)
+    # the template recorded at training time is used automatically
+    assert predictor.model.trained_template.name == "alpaca_short"
+    output = _predict(predictor, prompt="Tell me about alpacas.", temperature=0.0, max_new_tokens=12)
+    assert not isinstance(output, (str, list))  # a generator: chunks stream as they are made
+    chunks = list(output)
+    text = "".join(chunks)
+    assert chunks and "### Instruction" not in text and "Tell me about alpacas." not in text
+    # same answer as the library path with the same template, i.e. the prompt was built the same way
+    from alpaca_tune.settings import GenerateSettings
+
+    again = "".join(predictor.model.stream(GenerateSettings(prompt="Tell me about alpacas.", temperature=0.0,
+                                                            max_new_tokens=12, prompt_template="alpaca_short")))
+    assert again == text
+
+
+def test_adapter_changes_the_answer(trained, predictor_factory):
+    with_adapter = predictor_factory(str(trained.archive))
+    without = predictor_factory(None)
+    inputs = dict(prompt="Tell me about alpacas.", temperature=0.0, max_new_tokens=16, prompt_template="alpaca_short")
+    assert "".join(_predict(with_adapter, **inputs)) != "".join(_predict(without, **inputs))
+
+
+def test_stop_sequences_and_validation(trained, predictor_factory):
+    predictor = predictor_factory(str(trained.archive))
+    full = "".join(_predict(predictor, prompt="Name three colours.", temperature=0.0, max_new_tokens=20))
+    if len(full) < 4:
+        pytest.skip("the tiny model stopped too early to cut")
+    stop = full[2:4]
+    cut = "".join(_predict(predictor, prompt="Name three colours.", temperature=0.0, max_new_tokens=20,
+                           stop_sequences=f"{stop},zzzz"))
+    assert cut == full[:full.find(stop)]
+    from alpaca_tune.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="top_k"):
+        list(_predict(predictor, prompt="x", top_k=-3))
+
+
+def _tar_with(tmp_path, entries):
+    path = tmp_path / "evil.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, kind in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "link":
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tar.addfile(info)
+            else:
+                data = b"{}"
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([("../escape.json", "file")], "points outside the target"),
+    ([("/abs.json", "file")], "points outside the target"),
+    ([("adapter/adapter_config.json", "link")], "is a link or device"),
+    ([("something/else.txt", "file")], "no adapter_config.json inside"),
+])
+def test_unsafe_or_foreign_archives_are_refused(tmp_path, entries, message):
+    with pytest.raises(artifacts.ArtifactError, match=message):
+        artifacts.fetch_weights(str(_tar_with(tmp_path, entries)), tmp_path)
+    assert not (tmp_path.parent / "escape.json").exists()
+
+
+def test_corrupt_archive_fails_setup_clearly(tmp_path, predictor_factory):
+    broken = tmp_path / "weights.tar.gz"
+    broken.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(artifacts.ArtifactError, match="not a readable adapter archive"):
+        predictor_factory(str(broken))
+    with pytest.raises(artifacts.ArtifactError, match="no such file"):
+        predictor_factory(str(tmp_path / "missing.tar.gz"))
+
+
+def test_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "MAX_UNPACKED_BYTES", 10)
+    path = tmp_path / "big.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("adapter/adapter_model.safetensors")
+        info.size = 100
+        tar.addfile(info, io.BytesIO(b"x" * 100))
+    with pytest.raises(artifacts.ArtifactError, match="unpacks to more than"):
+        artifacts.fetch_weights(str(path), tmp_path)
