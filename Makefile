@@ -21,8 +21,10 @@ weights: $(STAMP)
 
 # Train a LoRA adapter on the project's own demo data, then ask it a question.
 demo: weights
-	$(PY) train.py --train_data data/alpaca_demo.json --output_dir outputs/demo
-	COG_WEIGHTS=outputs/demo/adapter.tar.gz $(PY) predict.py --prompt "Tell me about alpacas."
+	$(PY) train.py --train_data data/alpaca_demo.json --output_dir outputs/demo \
+		--num_train_epochs 2 --learning_rate 2e-3 --train_batch_size 4 --gradient_accumulation_steps 1 \
+		--val_set_size 4 --logging_steps 2
+	COG_WEIGHTS=outputs/demo/adapter.tar.gz $(PY) predict.py --prompt "Tell me about alpacas." --temperature 0
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

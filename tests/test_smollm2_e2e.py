@@ -33,8 +33,8 @@ def test_few_steps_on_the_real_alpaca_sample_then_predict(smollm2_dir, alpaca_sa
 def test_adapter_moves_answers_toward_the_training_data(smollm2_dir, tmp_path):
     """The demo data answers in a house style; after a short run the model answers that way and stops."""
     settings = TrainSettings(train_data=str(ROOT / "data" / "alpaca_demo.json"), base_model=str(smollm2_dir),
-                             output_dir=str(tmp_path / "demo"), max_steps=10, learning_rate=2e-3,
-                             warmup_steps=2, train_batch_size=4, gradient_accumulation_steps=2,
+                             output_dir=str(tmp_path / "demo"), max_steps=24, learning_rate=2e-3,
+                             warmup_steps=2, train_batch_size=4, gradient_accumulation_steps=1,
                              val_set_size=0, seed=0)
     result = run_training(settings)
     prompt = GenerateSettings(prompt="Tell me about alpacas.", temperature=0.0, max_new_tokens=120)
