@@ -24,13 +24,14 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import convert_tokenizer as tok
+from .errors import UserError
 
 VERSIONS = ("1", "2", "3", "3.1", "3.2")
 MAX_POSITIONS = {"1": 2048, "2": 4096, "3": 8192, "3.1": 131072, "3.2": 131072}
@@ -62,9 +63,10 @@ MODEL_FILES = (  # what a converted model folder holds; --force replaces exactly
     "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
 )
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+Named = tuple[str, torch.Tensor]
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
     """Input that cannot be converted; the message names the file and what is wrong."""
 
 
@@ -197,9 +199,9 @@ def embedding_split_dim(version: str) -> int:
     return 0 if version.startswith("3") else 1  # VocabParallelEmbedding vs ParallelEmbedding
 
 
-def convert_layer(shards: Sequence[Mapping[str, torch.Tensor]], layer: int, params: MetaParams) -> dict:
-    """Transformer block `layer`: Meta's per-shard tensors -> HF names and layouts."""
-    out = {}
+def convert_layer(shards: Sequence[Mapping[str, torch.Tensor]], layer: int, params: MetaParams) -> Iterator[Named]:
+    """Transformer block `layer`: (HF name, tensor) pairs, one at a time so that a caller
+    writing them out holds a single merged weight, not a whole layer."""
     for meta_key, (hf_key, split_dim) in LAYER_KEYS.items():
         name = f"layers.{layer}.{meta_key}"
         weight = merge_shards([shard[name] for shard in shards], split_dim, name)
@@ -207,8 +209,7 @@ def convert_layer(shards: Sequence[Mapping[str, torch.Tensor]], layer: int, para
             weight = permute_rotary(weight, params.n_heads)  # [n_heads * head_dim, dim]
         elif meta_key == "attention.wk.weight":
             weight = permute_rotary(weight, params.n_kv_heads)  # [n_kv_heads * head_dim, dim]
-        out[f"model.layers.{layer}.{hf_key}"] = weight
-    return out
+        yield f"model.layers.{layer}.{hf_key}", weight
 
 
 def convert_embeddings(shards: Sequence[Mapping[str, torch.Tensor]], version: str) -> torch.Tensor:
@@ -216,12 +217,11 @@ def convert_embeddings(shards: Sequence[Mapping[str, torch.Tensor]], version: st
     return merge_shards(parts, embedding_split_dim(version), "tok_embeddings.weight")  # [vocab, dim]
 
 
-def convert_head(shards: Sequence[Mapping[str, torch.Tensor]], tied: bool) -> dict:
+def convert_head(shards: Sequence[Mapping[str, torch.Tensor]], tied: bool) -> Iterator[Named]:
     """Final norm and, unless tied to the embeddings, the output projection."""
-    out = {"model.norm.weight": merge_shards([s["norm.weight"] for s in shards], None, "norm.weight")}
+    yield "model.norm.weight", merge_shards([s["norm.weight"] for s in shards], None, "norm.weight")
     if not tied:
-        out["lm_head.weight"] = merge_shards([s["output.weight"] for s in shards], 0, "output.weight")
-    return out
+        yield "lm_head.weight", merge_shards([s["output.weight"] for s in shards], 0, "output.weight")
 
 
 def convert_state_dict(shards: Sequence[Mapping[str, torch.Tensor]], params: MetaParams, version: str,
@@ -636,19 +636,18 @@ def _write_weights(writer: StreamingSafetensors, shard_paths: Sequence[Path], pa
     """
     from tqdm import tqdm
 
-    steps = [("embeddings", lambda s: {"model.embed_tokens.weight": convert_embeddings(s, version)})]
+    steps = [("embeddings", lambda s: [("model.embed_tokens.weight", convert_embeddings(s, version))])]
     steps += [(f"layer {i}", lambda s, i=i: convert_layer(s, i, params)) for i in range(params.n_layers)]
     steps.append(("head", lambda s: convert_head(s, tied)))
     with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress,
               file=sys.stderr) as bar:
         for label, step in steps:
             bar.set_postfix_str(label)
-            tensors = step(load_shards(shard_paths))
-            for name, tensor in tensors.items():
+            for name, tensor in step(load_shards(shard_paths)):
                 tensor = tensor if dtype is None else tensor.to(dtype)
                 writer.write(name, tensor)
                 bar.update(tensor.numel() * tensor.dtype.itemsize)
-            tensors = tensor = None  # the last references into this step's mapped files
+            tensor = None  # the last reference into this step's mapped files
 
 
 def _existing_model_files(output_dir: Path) -> list[Path]:
