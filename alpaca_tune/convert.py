@@ -18,6 +18,7 @@ the output once everything is written.
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -103,7 +104,7 @@ class MetaParams:
 
 
 def parse_params(raw: Mapping, source: str = "params.json") -> MetaParams:
-    raw = raw.get("model", raw)  # some exports nest the arguments under "model"
+    raw = raw.get("model", raw)  # some exports nest the arguments (transformers' old converter allowed it)
     unsupported = {"quantization_args", "vision_chunk_size", "vision_num_cross_attention_layers", "moe_args"}
     if found := sorted(unsupported & raw.keys()):
         raise ConversionError(f"{source}: {', '.join(found)}: quantized, vision and MoE checkpoints are not supported")
@@ -114,11 +115,11 @@ def parse_params(raw: Mapping, source: str = "params.json") -> MetaParams:
             dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
             vocab_size=int(raw.get("vocab_size", -1)),
             multiple_of=int(raw.get("multiple_of", 256)),
-            ffn_dim_multiplier=None if raw.get("ffn_dim_multiplier") is None else float(raw["ffn_dim_multiplier"]),
+            ffn_dim_multiplier=_optional_float(raw, "ffn_dim_multiplier"),
             norm_eps=float(raw.get("norm_eps", 1e-5)),
-            rope_theta=None if raw.get("rope_theta") is None else float(raw["rope_theta"]),
+            rope_theta=_optional_float(raw, "rope_theta"),
             use_scaled_rope=bool(raw.get("use_scaled_rope", False)),
-            rope_scaling_factor=None if raw.get("rope_scaling_factor") is None else float(raw["rope_scaling_factor"]),
+            rope_scaling_factor=_optional_float(raw, "rope_scaling_factor"),
         )
     except KeyError as exc:
         raise ConversionError(f"{source}: missing {exc.args[0]!r}") from exc
@@ -132,6 +133,10 @@ def parse_params(raw: Mapping, source: str = "params.json") -> MetaParams:
             "into an even head size, and n_heads divisible by n_kv_heads"
         )
     return params
+
+
+def _optional_float(raw: Mapping, key: str) -> float | None:
+    return None if raw.get(key) is None else float(raw[key])
 
 
 def resolve_version(requested: str | None, params: MetaParams, tokenizer_kind: str, has_output: bool) -> str:
@@ -191,7 +196,8 @@ def merge_shards(parts: Sequence[torch.Tensor], split_dim: int | None, name: str
         return torch.cat(list(parts), dim=split_dim) if len(parts) > 1 else parts[0]
     for index, part in enumerate(parts[1:], start=1):
         if not torch.equal(part, parts[0]):
-            raise ConversionError(f"{name} differs between consolidated.00.pth and shard {index:02d}; it should be replicated")
+            raise ConversionError(f"{name} differs between consolidated.00.pth and consolidated.{index:02d}.pth; "
+                                  "Meta's shards each hold the same copy")
     return parts[0]
 
 
@@ -446,7 +452,7 @@ class StreamingSafetensors:
 
     Every shape is known before the first byte (from params.json), so each file's header is
     written first and a tensor can be dropped as soon as its bytes are out: memory holds one
-    layer, never a whole file.
+    tensor, never a whole file.
     """
 
     def __init__(self, out_dir: Path, plan: Sequence[tuple[str, tuple, torch.dtype]], max_file_bytes: int):
@@ -497,19 +503,80 @@ class StreamingSafetensors:
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        if self._handle is not None:
+        if self._handle is not None and not self._handle.closed:
             self._handle.close()
 
 
 def _nbytes(entry: tuple[str, tuple, torch.dtype]) -> int:
     _, shape, dtype = entry
-    count = 1
-    for size in shape:
-        count *= size
-    return count * dtype.itemsize
+    return math.prod(shape) * dtype.itemsize
 
 
 # --------------------------------------------------------------------------- the whole conversion
+
+
+@dataclass
+class Checkpoint:
+    """A Meta download, read and checked: everything but the weights themselves."""
+
+    model_dir: Path
+    shard_paths: list[Path]
+    params: MetaParams
+    version: str
+    vocab: int
+    tied: bool
+    source_dtypes: dict[str, torch.dtype]
+    tokenizer_path: Path
+    tokenizer: tok.ConvertedTokenizer
+
+
+def read_checkpoint(input_dir: Path, model_size: str | None = None, llama_version: str | None = None,
+                    rope_scaling_factor: float | None = None) -> Checkpoint:
+    """Find and check every file; raises ConversionError before anything is written."""
+    if llama_version is not None and llama_version not in VERSIONS:
+        raise ConversionError(f"--llama-version {llama_version}: expected one of {', '.join(VERSIONS)}")
+    model_dir = find_model_dir(input_dir, model_size)
+    params = read_params(model_dir)
+    if rope_scaling_factor is not None:
+        params = dataclasses.replace(params, rope_scaling_factor=rope_scaling_factor)
+    shard_paths = find_shards(model_dir)
+    tokenizer_path = find_tokenizer(model_dir)
+
+    # Shapes and dtypes only: loading with mmap reads the small pickled index, not the weights.
+    shards = load_shards(shard_paths)
+    shard_shapes = [{k: tuple(v.shape) for k, v in s.items()} for s in shards]
+    source_dtypes = {k: v.dtype for k, v in shards[0].items() if k not in DROPPED_KEYS}
+    del shards
+    has_output = "output.weight" in shard_shapes[0]
+    version = resolve_version(llama_version, params, tok.tokenizer_kind(tokenizer_path), has_output)
+    if params.rope_scaling_factor is not None and version not in ROPE_SCALING_FACTOR:
+        raise ConversionError(f"a rope scaling factor applies to LLaMA 3.1 and 3.2 only, not {version}")
+    vocab = check_shards(shard_shapes, [p.name for p in shard_paths], params, version)
+    if odd := sorted({str(d) for d in source_dtypes.values() if d not in SAFETENSORS_DTYPES}):
+        raise ConversionError(f"{shard_paths[0]}: tensors of dtype {', '.join(odd)}; expected float32/16 or bfloat16")
+
+    try:
+        tokenizer = tok.convert_tokenizer(tokenizer_path, version)
+    except ValueError as exc:
+        raise ConversionError(f"{tokenizer_path}: {exc}") from exc
+    if tokenizer.vocab_size > vocab:
+        raise ConversionError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, but tok_embeddings.weight has only {vocab} rows")
+    return Checkpoint(model_dir, shard_paths, params, version, vocab, is_tied(shard_paths, version, has_output),
+                      source_dtypes, tokenizer_path, tokenizer)
+
+
+def output_plan(ckpt: Checkpoint, dtype: torch.dtype | None) -> list[tuple[str, tuple, torch.dtype]]:
+    """(HF name, shape, dtype) of every output tensor, in the order _write_weights produces them."""
+    full, dtypes = expected_shapes(ckpt.params, ckpt.vocab), ckpt.source_dtypes
+    plan = [("model.embed_tokens.weight", full["tok_embeddings.weight"], dtype or dtypes["tok_embeddings.weight"])]
+    for layer in range(ckpt.params.n_layers):
+        for meta_key, (hf_key, _) in LAYER_KEYS.items():
+            key = f"layers.{layer}.{meta_key}"
+            plan.append((f"model.layers.{layer}.{hf_key}", full[key], dtype or dtypes[key]))
+    plan.append(("model.norm.weight", full["norm.weight"], dtype or dtypes["norm.weight"]))
+    if not ckpt.tied:
+        plan.append(("lm_head.weight", full["output.weight"], dtype or dtypes["output.weight"]))
+    return plan
 
 
 @dataclass
@@ -533,7 +600,7 @@ def convert_checkpoint(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> ConversionResult:
-    """Meta's download folder -> HF model folder. Checks everything before writing anything.
+    """Meta's download folder -> HF model folder.
 
     dtype None keeps each tensor's own dtype: fp16 LLaMA 1 stays fp16, bf16 stays bf16.
     rope_scaling_factor overrides the 3.1/3.2 default (8/32), e.g. 8 for 3.2 to match
@@ -542,61 +609,17 @@ def convert_checkpoint(
     files there (weights/README.md) are left alone.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if llama_version is not None and llama_version not in VERSIONS:
-        raise ConversionError(f"--llama-version {llama_version}: expected one of {', '.join(VERSIONS)}")
     old_files = _existing_model_files(output_dir)
     if old_files and not force:
         raise ConversionError(f"{output_dir} already holds a model ({old_files[0].name}, ...); pass --force to replace it")
-    model_dir = find_model_dir(input_dir, model_size)
-    params = read_params(model_dir)
-    if rope_scaling_factor is not None:
-        params = dataclasses.replace(params, rope_scaling_factor=rope_scaling_factor)
-    shard_paths = find_shards(model_dir)
-    tokenizer_path = find_tokenizer(model_dir)
-    tokenizer_kind = tok.tokenizer_kind(tokenizer_path)
-
-    # Shapes and dtypes only: loading with mmap reads the small pickled index, not the weights.
-    shards = load_shards(shard_paths)
-    shard_shapes = [{k: tuple(v.shape) for k, v in s.items()} for s in shards]
-    source_dtypes = {k: v.dtype for k, v in shards[0].items()}
-    del shards
-    names = [p.name for p in shard_paths]
-    has_output = "output.weight" in shard_shapes[0]
-    version = resolve_version(llama_version, params, tokenizer_kind, has_output)
-    if params.rope_scaling_factor is not None and version not in ROPE_SCALING_FACTOR:
-        raise ConversionError(f"a rope scaling factor applies to LLaMA 3.1 and 3.2 only, not {version}")
-    vocab = check_shards(shard_shapes, names, params, version)
-    if unsupported := sorted({str(d) for k, d in source_dtypes.items() if k not in DROPPED_KEYS and d not in SAFETENSORS_DTYPES}):
-        raise ConversionError(f"{shard_paths[0]}: tensors of dtype {', '.join(unsupported)}; expected float32/16 or bfloat16")
-
-    try:
-        tokenizer = tok.convert_tokenizer(tokenizer_path, version)
-    except ValueError as exc:
-        raise ConversionError(f"{tokenizer_path}: {exc}") from exc
-    if tokenizer.vocab_size > vocab:
-        raise ConversionError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, but tok_embeddings.weight has only {vocab} rows")
-    tied = is_tied(shard_paths, version, has_output)
-
-    def out_dtype(meta_key: str) -> torch.dtype:
-        return dtype or source_dtypes[meta_key]
-
-    plan = [("model.embed_tokens.weight", (vocab, params.dim), out_dtype("tok_embeddings.weight"))]
-    full = expected_shapes(params, vocab)
-    for layer in range(params.n_layers):
-        for meta_key, (hf_key, _) in LAYER_KEYS.items():
-            key = f"layers.{layer}.{meta_key}"
-            plan.append((f"model.layers.{layer}.{hf_key}", full[key], out_dtype(key)))
-    plan.append(("model.norm.weight", (params.dim,), out_dtype("norm.weight")))
-    if not tied:
-        plan.append(("lm_head.weight", (vocab, params.dim), out_dtype("output.weight")))
+    ckpt = read_checkpoint(input_dir, model_size, llama_version, rope_scaling_factor)
+    params, plan = ckpt.params, output_plan(ckpt, dtype)
+    log(f"LLaMA {ckpt.version}{' (given)' if llama_version else ' (detected)'}: {ckpt.model_dir}, "
+        f"{len(ckpt.shard_paths)} shard(s), {params.n_layers} layers, dim {params.dim}, {params.n_heads} heads / "
+        f"{params.n_kv_heads} kv heads, ffn {params.ffn_dim}, vocab {ckpt.vocab}{', tied embeddings' if ckpt.tied else ''}")
+    log(f"tokenizer: {ckpt.tokenizer_path} ({ckpt.tokenizer.kind}, {ckpt.tokenizer.vocab_size} tokens)")
     # Only widening to float32 is exact; fp16 <-> bf16 trade range for precision either way.
-    narrowed = sorted({f"{d} -> {dtype}" for k, d in source_dtypes.items()
-                       if dtype not in (None, d, torch.float32) and k not in DROPPED_KEYS})
-    log(f"LLaMA {version}{' (given)' if llama_version else ' (detected)'}: {model_dir}, {len(shard_paths)} shard(s), "
-        f"{params.n_layers} layers, dim {params.dim}, {params.n_heads} heads / {params.n_kv_heads} kv heads, "
-        f"ffn {params.ffn_dim}, vocab {vocab}{', tied embeddings' if tied else ''}")
-    log(f"tokenizer: {tokenizer_path} ({tokenizer.kind}, {tokenizer.vocab_size} tokens)")
-    if narrowed:
+    if narrowed := sorted({f"{d} -> {dtype}" for d in ckpt.source_dtypes.values() if dtype not in (None, d, torch.float32)}):
         log(f"note: --dtype casts {', '.join(narrowed)}, which rounds weights (lossy)")
 
     created = not output_dir.exists()
@@ -606,29 +629,25 @@ def convert_checkpoint(
         if created:
             output_dir.rmdir()
         raise ConversionError(f"{output_dir}: needs {needed / 1e9:.1f} GB free, has {free / 1e9:.1f} GB")
-
     # Inside the output folder: same filesystem (cheap renames), and git-ignored with it.
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=output_dir))
+    writer = StreamingSafetensors(staging, plan, max_file_bytes)
     try:
-        writer = StreamingSafetensors(staging, plan, max_file_bytes)
-        try:
-            _write_weights(writer, shard_paths, params, version, tied, dtype, progress)
-        finally:
-            writer.abort()
+        _write_weights(writer, ckpt, dtype, progress)
         writer.close()
-        write_configs(staging, params, version, vocab, tied, plan[0][2], tokenizer)
+        write_configs(staging, params, ckpt.version, ckpt.vocab, ckpt.tied, plan[0][2], ckpt.tokenizer)
         _install(staging, output_dir, old_files)
     except BaseException:  # Ctrl-C too: never leave a half-written model behind
+        writer.abort()
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(output_dir.iterdir()):
             output_dir.rmdir()
         raise
     log(f"wrote {len(writer.names)} safetensors file(s), {needed / 1e9:.2f} GB, and the tokenizer to {output_dir}")
-    return ConversionResult(output_dir, version, writer.names, needed)
+    return ConversionResult(output_dir, ckpt.version, writer.names, needed)
 
 
-def _write_weights(writer: StreamingSafetensors, shard_paths: Sequence[Path], params: MetaParams, version: str,
-                   tied: bool, dtype: torch.dtype | None, progress: bool) -> None:
+def _write_weights(writer: StreamingSafetensors, ckpt: Checkpoint, dtype: torch.dtype | None, progress: bool) -> None:
     """Embeddings, then one layer at a time, then the head, each from freshly mapped shards.
 
     Re-mapping per step unmaps the pages the previous step read, so resident memory stays
@@ -636,14 +655,14 @@ def _write_weights(writer: StreamingSafetensors, shard_paths: Sequence[Path], pa
     """
     from tqdm import tqdm
 
-    steps = [("embeddings", lambda s: [("model.embed_tokens.weight", convert_embeddings(s, version))])]
-    steps += [(f"layer {i}", lambda s, i=i: convert_layer(s, i, params)) for i in range(params.n_layers)]
-    steps.append(("head", lambda s: convert_head(s, tied)))
+    steps = [("embeddings", lambda s: [("model.embed_tokens.weight", convert_embeddings(s, ckpt.version))])]
+    steps += [(f"layer {i}", lambda s, i=i: convert_layer(s, i, ckpt.params)) for i in range(ckpt.params.n_layers)]
+    steps.append(("head", lambda s: convert_head(s, ckpt.tied)))
     with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress,
               file=sys.stderr) as bar:
         for label, step in steps:
             bar.set_postfix_str(label)
-            for name, tensor in step(load_shards(shard_paths)):
+            for name, tensor in step(load_shards(ckpt.shard_paths)):
                 tensor = tensor if dtype is None else tensor.to(dtype)
                 writer.write(name, tensor)
                 bar.update(tensor.numel() * tensor.dtype.itemsize)

@@ -176,10 +176,6 @@ def _prepend_bos(bos: str, bos_id: int) -> processors.TemplateProcessing:
     )
 
 
-def _byte_level_string(token: bytes, byte_to_char: dict[int, str]) -> str:
-    return "".join(byte_to_char[b] for b in token)
-
-
 def convert_tiktoken(path: Path, version: str) -> ConvertedTokenizer:
     """Meta's LLaMA 3 tiktoken file plus its 256 special tokens as a byte-level BPE tokenizer."""
     from tiktoken.load import load_tiktoken_bpe
@@ -192,7 +188,8 @@ def convert_tiktoken(path: Path, version: str) -> ConvertedTokenizer:
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise ValueError("tiktoken ranks are not 0..n-1")
     byte_to_char = bytes_to_unicode()
-    vocab = {_byte_level_string(token, byte_to_char): rank for token, rank in ranks.items()}
+    text = {token: "".join(byte_to_char[b] for b in token) for token in ranks}  # byte-level BPE strings
+    vocab = {text[token]: rank for token, rank in ranks.items()}
     # tiktoken joins the adjacent pair whose joined bytes have the lowest rank; a merge for
     # every split of every token, ranked by the token, makes BPE choose identically.
     ranked = []
@@ -200,9 +197,9 @@ def convert_tiktoken(path: Path, version: str) -> ConvertedTokenizer:
         for cut in range(1, len(token)):
             left, right = token[:cut], token[cut:]
             if left in ranks and right in ranks:
-                ranked.append((rank, ranks[left], left, right))
+                ranked.append((rank, ranks[left], text[left], text[right]))
     ranked.sort()
-    merges = [(_byte_level_string(l, byte_to_char), _byte_level_string(r, byte_to_char)) for *_, l, r in ranked]
+    merges = [(left, right) for *_, left, right in ranked]
 
     # ignore_merges: tiktoken takes a whole regex piece that is itself a token without merging.
     tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=True))

@@ -76,9 +76,10 @@ def ffn_dim(params: dict) -> int:
     return params["multiple_of"] * -(-hidden // params["multiple_of"])
 
 
-def random_weights(params: dict, vocab: int, seed: int = 0, output: bool = True, dtype=torch.float32) -> dict:
+def random_weights(params: dict, vocab: int, seed: int = 0, output: bool = True, dtype=torch.float32,
+                   rope_freqs: bool = False) -> dict:
     """Full (unsharded) Meta state dict, scaled so that attention is far from uniform and the
-    rotary layout matters."""
+    rotary layout matters. LLaMA 1/2 files also carry the `rope.freqs` buffer (rope_freqs)."""
     gen = torch.Generator().manual_seed(seed)
     dim, heads = params["dim"], params["n_heads"]
     head_dim, kv = dim // heads, params.get("n_kv_heads") or heads
@@ -105,6 +106,8 @@ def random_weights(params: dict, vocab: int, seed: int = 0, output: bool = True,
         })
     if output:
         state["output.weight"] = rand(vocab, dim, scale=1 / dim**0.5)
+    if rope_freqs:
+        state["rope.freqs"] = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
     return state
 
 

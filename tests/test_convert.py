@@ -45,7 +45,7 @@ def make_download(root: Path, version: str, sp_model: Path, n_shards: int = 1, h
     llama3 = version.startswith("3")
     params = llama_params(version, n_heads=heads, n_kv_heads=kv_heads, **extra)
     vocab = vocab or (LLAMA3_VOCAB if llama3 else SP_VOCAB)
-    shards = shard(random_weights(params, vocab, output=output, dtype=dtype), n_shards, version)
+    shards = shard(random_weights(params, vocab, output=output, dtype=dtype, rope_freqs=not llama3), n_shards, version)
     model_dir = write_download(root / "7B", params, shards, LLAMA3_TOKENIZER if llama3 else sp_model,
                                tokenizer_in_parent=not llama3)
     return model_dir, params, shards
