@@ -42,6 +42,7 @@ def train(
     lora_target_modules: str = cog_input(T, "lora_target_modules"),
     train_on_inputs: bool = cog_input(T, "train_on_inputs"),
     prompt_template: str = cog_input(T, "prompt_template"),
+    precision: str = cog_input(T, "precision"),
     packing: bool = cog_input(T, "packing"),
     group_by_length: bool = cog_input(T, "group_by_length"),
     gradient_checkpointing: bool = cog_input(T, "gradient_checkpointing"),

@@ -24,9 +24,32 @@ def pick_device() -> torch.device:
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (fastest and exact there)."""
+    """For inference: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # AVX512-BF16 / AMX CPUs
+
+
+def training_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The frozen base's dtype for training; LoRA weights and the loss stay fp32 either way.
+
+    auto = bf16 where the hardware has native bf16 matmuls (recent GPUs, and CPUs with
+    AVX512-BF16 or AMX, where it is ~2.5x faster than fp32), else fp32. fp16 is not offered for
+    training: without loss scaling its gradients underflow.
+    """
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16" or (precision == "auto" and bf16_supported(device)):
+        if not bf16_supported(device):
+            raise ModelError(f"precision=bf16: this {device.type.upper()} has no native bf16 support; "
+                             f"use precision=fp32 (or auto)")
+        return torch.bfloat16
     return torch.float32
 
 

@@ -61,8 +61,11 @@ class TrainSettings:
                                           "response is learned; the prompt is masked out).")
     prompt_template: str = option("alpaca", "Prompt template: 'alpaca', 'alpaca_short', 'none' "
                                             "(raw text) or the path of a template JSON file.")
-    packing: bool = option(True, "Pack each micro-batch into one padding-free row (examples stay "
-                                 "isolated in attention); false pads each micro-batch instead.")
+    precision: str = option("auto", "Precision of the frozen base model: auto (bf16 where the hardware "
+                                    "has fast bf16, else fp32), bf16 or fp32. LoRA weights stay fp32.",
+                            choices=["auto", "bf16", "fp32"])
+    packing: bool = option(False, "Pack each micro-batch into one padding-free row (examples isolated "
+                                  "by a block-diagonal mask); off: pad to the micro-batch's longest.")
     group_by_length: bool = option(True, "Put examples of similar length in the same micro-batch "
                                          "(less padding; order is still shuffled per epoch).")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")

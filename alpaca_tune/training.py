@@ -23,7 +23,7 @@ from .batching import make_batch, micro_batches
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .data import DataError, load_records, split_records
 from .loss import label_loss
-from .model import attach_lora, load_base
+from .model import attach_lora, load_base, pick_device, training_dtype
 from .progress import ProgressLog, plot_loss
 from .prompts import load_template
 from .settings import TrainSettings, validate
@@ -125,8 +125,9 @@ def run_training(settings: TrainSettings, progress: bool = True) -> TrainResult:
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    base, tokenizer = load_base(settings.base_model, settings.quantization)
-    device = base.device
+    device = pick_device()
+    base, tokenizer = load_base(settings.base_model, settings.quantization, device,
+                                training_dtype(settings.precision, device))
     train_examples, val_examples, data_stats = prepare_examples(records, settings, tokenizer, template)
     model = attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
                         settings.lora_target_modules, settings.seed,
