@@ -1,0 +1,117 @@
+"""Decoding speed: the Predictor's generation vs plain `model.generate`, against the memory bound.
+
+    .venv/bin/python scripts/bench_generate.py                # embedded SmolLM2, 128 new tokens
+    .venv/bin/python scripts/bench_generate.py --new_tokens 64 --repeats 2
+
+Single-stream greedy decoding is memory-bound: every new token reads every weight once. So the
+ceiling is (memory bandwidth) / (weight bytes per token). The bandwidth is measured in the same
+run (a large tensor read), and every figure below is from this one process on one machine.
+Reported: time to first token (prompt processing + first token), tokens/s after the first, and
+the fraction of the bound reached. EOS is ignored so both sides generate exactly the same count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from alpaca_tune.generation import SamplingParams, generate_token_ids  # noqa: E402
+from alpaca_tune.model import load_base  # noqa: E402
+from alpaca_tune.prompts import load_template  # noqa: E402
+from alpaca_tune.tokenization import encode_prompt  # noqa: E402
+
+PROMPT = "Tell me about alpacas, their history in the Andes and how they differ from llamas."
+
+
+def measure_bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Read bandwidth: summing a buffer far larger than the caches, best of a few runs."""
+    buffer = torch.ones(megabytes * 1024 * 1024 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - started)
+    return buffer.numel() * 4 / best / 1e9
+
+
+def weight_bytes(model) -> int:
+    """Bytes read per decoded token: every parameter once (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for parameter in model.parameters():
+        if parameter.data_ptr() not in seen:
+            seen.add(parameter.data_ptr())
+            total += parameter.numel() * parameter.element_size()
+    return total
+
+
+def time_ours(model, prompt_ids, new_tokens) -> tuple[float, float]:
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    started = time.perf_counter()
+    first = None
+    count = 0
+    for _ in generate_token_ids(model, prompt_ids, params, eos_ids=set()):
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    assert count == new_tokens
+    return first - started, (count - 1) / (end - first)
+
+
+def time_hf(model, prompt_ids, new_tokens) -> tuple[float, float]:
+    ids = torch.tensor([prompt_ids], device=model.device)
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    started = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    ttft = time.perf_counter() - started
+    started = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    total = time.perf_counter() - started
+    assert out.shape[1] - ids.shape[1] == new_tokens
+    return ttft, (new_tokens - 1) / (total - ttft)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--base_model", default="")
+    args = parser.parse_args()
+
+    model, tokenizer = load_base(args.base_model)
+    model.eval()
+    model.config.use_cache = True
+    prompt_ids = encode_prompt(tokenizer, load_template("alpaca").render(PROMPT))
+    # correctness first: both sides produce the same greedy tokens
+    ours_tokens = list(generate_token_ids(model, prompt_ids, SamplingParams(max_new_tokens=32, temperature=0.0), set()))
+    hf_tokens = model.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
+    assert ours_tokens == hf_tokens, "greedy tokens differ from transformers' generate"
+
+    bandwidth = measure_bandwidth_gbs()
+    per_token = weight_bytes(model)
+    bound = bandwidth * 1e9 / per_token
+    rows = {}
+    with torch.inference_mode():
+        for name, timer in (("ours", time_ours), ("hf-generate", time_hf)):
+            timer(model, prompt_ids, 8)  # warm-up
+            runs = [timer(model, prompt_ids, args.new_tokens) for _ in range(args.repeats)]
+            rows[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+    print(f"model {model.config.architectures[0]} {per_token / 1e6:.0f} MB of weights ({model.dtype}), "
+          f"prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
+    print(f"memory bandwidth (read) {bandwidth:.1f} GB/s -> bound {bound:.1f} tokens/s")
+    print(f"{'decoder':12} {'TTFT':>8} {'tokens/s':>9} {'of bound':>9}")
+    for name, (ttft, rate) in rows.items():
+        print(f"{name:12} {ttft * 1000:6.0f}ms {rate:9.1f} {rate / bound:9.0%}")
+    print(f"\nours / hf-generate: {rows['ours'][1] / rows['hf-generate'][1]:.2f}x tokens/s")
+
+
+if __name__ == "__main__":
+    main()
