@@ -549,7 +549,11 @@ def read_checkpoint(input_dir: Path, model_size: str | None = None, llama_versio
     source_dtypes = {k: v.dtype for k, v in shards[0].items() if k not in DROPPED_KEYS}
     del shards
     has_output = "output.weight" in shard_shapes[0]
-    version = resolve_version(llama_version, params, tok.tokenizer_kind(tokenizer_path), has_output)
+    try:
+        tokenizer_kind = tok.tokenizer_kind(tokenizer_path)
+    except OSError as exc:
+        raise ConversionError(f"{tokenizer_path}: cannot read ({exc.strerror})") from exc
+    version = resolve_version(llama_version, params, tokenizer_kind, has_output)
     if params.rope_scaling_factor is not None and version not in ROPE_SCALING_FACTOR:
         raise ConversionError(f"a rope scaling factor applies to LLaMA 3.1 and 3.2 only, not {version}")
     vocab = check_shards(shard_shapes, [p.name for p in shard_paths], params, version)

@@ -9,7 +9,7 @@ tokenizer_config.json names the generic PreTrainedTokenizerFast: it loads tokeni
 
 One convention differs from Meta on purpose: text that spells a special token ("<s>",
 "<|eot_id|>") becomes that token's id, as everywhere in Hugging Face; Meta's encoders read it
-as plain text. Errors are ValueError; convert.py adds the file name and the exit code.
+as plain text. Errors are ValueError; convert.py names the file, the command line exits 2.
 """
 
 import base64
