@@ -29,7 +29,7 @@ class RefConfig:
     norm_eps: float
     rope_theta: float
     vocab_parallel_embedding: bool  # LLaMA 3.x: embedding cut along the vocabulary
-    rope_scaling_factor: float | None = None  # 3.1: 8, 3.2: 32
+    rope_scaling_factor: float | None = None  # Meta's model.py: 8 for 3.x
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from convert_fixtures import (
 REPO = Path(__file__).resolve().parents[1]
 SP_VOCAB = 400
 TOLERANCE = 1e-4  # max |logit difference| in fp32
-ROPE_FACTOR = {"3.1": 8.0, "3.2": 32.0}  # Meta's published configs (see alpaca_tune/convert.py)
+ROPE_FACTOR = {"3.1": 8.0, "3.2": 8.0}  # Meta's reference model.py (see alpaca_tune/convert.py)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -132,7 +132,7 @@ def test_llama32_without_output_is_tied(tmp_path, sp_model):
     assert_matches_reference(tmp_path / "out", shards, params, "3.2")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["tie_word_embeddings"] is True
-    assert config["rope_parameters"]["factor"] == 32.0
+    assert config["rope_parameters"]["factor"] == 8.0
     assert "lm_head.weight" not in load_file(tmp_path / "out" / "model.safetensors")
 
 
