@@ -136,6 +136,27 @@ def test_llama32_without_output_is_tied(tmp_path, sp_model):
     assert "lm_head.weight" not in load_file(tmp_path / "out" / "model.safetensors")
 
 
+def test_rope_scaling_factor_override_reaches_config_and_logits(tmp_path, sp_model):
+    """--rope-scaling-factor 32 (HF's published 3.2 configs) is exact against a reference run at 32."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir, params, shards = make_download(tmp_path / "in", "3.2", sp_model, n_shards=1, output=False)
+    run(model_dir, tmp_path / "out", llama_version="3.2", rope_scaling_factor=32.0)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["rope_parameters"]["factor"] == 32.0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    tokens = torch.tensor([[1, 5, 9, 14, 3, 22, 7, 11]])
+    reference = dataclasses.replace(ref_config(params, "3.2"), rope_scaling_factor=32.0)
+    expected = ref.forward([{k: v.float() for k, v in s.items()} for s in shards], reference, tokens)
+    with torch.no_grad():
+        assert (model(tokens).logits - expected).abs().max() <= TOLERANCE
+        default = dataclasses.replace(reference, rope_scaling_factor=8.0)  # and the factor matters
+        assert (model(tokens).logits - ref.forward([{k: v.float() for k, v in s.items()} for s in shards],
+                                                   default, tokens)).abs().max() > TOLERANCE
+
+
 def test_llama32_output_kept_unless_it_equals_the_embeddings(tmp_path, sp_model):
     """An output.weight of its own is kept (tying would change the logits); a copy is tied."""
     model_dir, params, shards = make_download(tmp_path / "in", "3.2", sp_model)
