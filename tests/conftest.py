@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# The tiny models' matmuls are so small that a second thread only adds synchronisation (and on a
+# loaded 2-core machine, spinning); the real-model tests ask for all threads back (full_threads).
+DEFAULT_THREADS = torch.get_num_threads()
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -77,6 +82,13 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     model.save_pretrained(str(directory))
     tiny_tokenizer.save_pretrained(str(directory))
     return directory
+
+
+@pytest.fixture
+def full_threads():
+    torch.set_num_threads(DEFAULT_THREADS)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -24,15 +24,6 @@ TOLERANCE = 1e-4  # max |logit difference| in fp32
 ROPE_FACTOR = {"3.1": 8.0, "3.2": 8.0}  # Meta's reference model.py (see alpaca_tune/convert.py)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on this 2-core VM run ~100x slower on two OpenMP threads than on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory) -> Path:
     return train_sentencepiece(tmp_path_factory.mktemp("sp") / "tokenizer.model", vocab_size=SP_VOCAB)

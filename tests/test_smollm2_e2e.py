@@ -8,7 +8,7 @@ from alpaca_tune.settings import GenerateSettings, TrainSettings
 from alpaca_tune.training import run_training
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("full_threads")]
 
 
 @pytest.fixture(scope="module")
