@@ -29,5 +29,15 @@ demo: weights
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Cog's HTTP server (coglet) on this machine, without Docker; see docs/SERVING.md.
+#   make serve PORT=5000 COG_WEIGHTS=outputs/demo/adapter.tar.gz    POST /predictions
+#   make serve-train PORT=5001                                       POST /trainings
+PORT ?= 5000
+serve: $(STAMP)
+	$(PY) scripts/serve.py --port $(PORT) $(if $(COG_WEIGHTS),--weights "$(COG_WEIGHTS)")
+
+serve-train: $(STAMP)
+	$(PY) scripts/serve.py --train --port $(PORT)
+
 clean:
 	rm -rf outputs .pytest_cache
