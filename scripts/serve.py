@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,12 +36,24 @@ def server_command(train: bool = False, host: str = "127.0.0.1", upload_url: str
     return command
 
 
+def python_first_on_path(path: str, python: str = sys.executable) -> str:
+    """coglet starts its worker as plain `python` from PATH: make that this interpreter (the venv's
+    even when it is not activated, as under `make`)."""
+    bin_dir = Path(python).parent
+    candidate = bin_dir / "python"
+    if not candidate.exists() or candidate.resolve() != Path(python).resolve():
+        bin_dir = Path(tempfile.mkdtemp(prefix="cog-python-"))
+        (bin_dir / "python").symlink_to(python)
+    return f"{bin_dir}{os.pathsep}{path}" if path else str(bin_dir)
+
+
 def server_env(train: bool = False, port: int = 5000, weights: str | None = None,
                base_env: dict | None = None, root: Path = ROOT) -> dict[str, str]:
-    """The environment coglet reads: PORT, the ref of the mode it serves, COG_WEIGHTS."""
+    """The environment coglet reads: PORT, the ref of the mode it serves, COG_WEIGHTS; PATH."""
     env = dict(os.environ if base_env is None else base_env)
     predict_ref, train_ref = cog_schema.read_refs(root)
     env["PORT"] = str(port)
+    env["PATH"] = python_first_on_path(env.get("PATH", ""))
     if train:
         env["COG_TRAIN_TYPE_STUB"] = train_ref
     else:

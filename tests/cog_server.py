@@ -114,6 +114,8 @@ class CogServer:
             last = self.health()
             if last and last.get("status") in statuses:
                 return last
+            if (last or {}).get("status") == "STARTING" and "No module named 'coglet'" in self.log():
+                raise ServerError(f"coglet's worker cannot start (it runs `python` from PATH):\n{self.log()[-3000:]}")
             time.sleep(poll)
         raise ServerError(f"no status in {statuses} after {timeout} s (last: {last and last.get('status')}):\n"
                           f"{self.log()[-3000:]}")
