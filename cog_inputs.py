@@ -9,13 +9,13 @@ from cog import Input
 
 
 def cog_input(settings_cls, name: str):
-    """Input(default, description, ge, le, choices) for one field of a settings dataclass."""
+    """Input(default, description, ge, le, choices, min_length) for one field of a settings dataclass."""
     field = next(f for f in dataclasses.fields(settings_cls) if f.name == name)
     meta = field.metadata
     kwargs = {"description": meta["help"]}
     if field.default is not dataclasses.MISSING:
         kwargs["default"] = field.default
-    for key in ("ge", "le", "choices"):
+    for key in ("ge", "le", "choices", "min_length"):
         if meta.get(key) is not None:
             kwargs[key] = meta[key]
     return Input(**kwargs)

@@ -7,14 +7,10 @@ Thin on purpose: Cog Inputs / command-line flags -> GenerateSettings -> alpaca_t
 """
 
 import os
-import shutil
 import sys
-import tempfile
-import urllib.request
 
 from cog import BasePredictor, ConcatenateIterator, streaming
 
-from alpaca_tune.artifacts import ArtifactError
 from alpaca_tune.cli import run_or_exit, setup_logging
 from alpaca_tune.serving import InstructModel
 from alpaca_tune.settings import GenerateSettings, build_parser, validate
@@ -23,25 +19,12 @@ from cog_inputs import cog_input
 G = GenerateSettings
 
 
-def _data_uri_to_file(weights: str | None) -> str | None:
-    """COG_WEIGHTS may be the `data:` URI that POST /trainings returns (coglet inlines the archive)."""
-    if not weights or not weights.startswith("data:"):
-        return weights
-    try:
-        with urllib.request.urlopen(weights) as response, \
-                tempfile.NamedTemporaryFile(prefix="weights-", suffix=".tar.gz", delete=False) as out:
-            shutil.copyfileobj(response, out)
-    except (ValueError, OSError) as err:
-        raise ArtifactError(f"weights: not a readable data: URI ({weights[:40]}...): {err}") from None
-    return out.name
-
-
 class Predictor(BasePredictor):
     def setup(self, weights: str | None = None) -> None:
         """weights (COG_WEIGHTS): an adapter archive or directory, an http(s) URL to an archive, or the
         archive as a data: URI."""
         setup_logging()
-        self.model = InstructModel.load(_data_uri_to_file(weights))
+        self.model = InstructModel.load(weights)
 
     # @streaming: `cog build` (and scripts/cog_schema.py) then mark POST /predictions with
     # x-cog-streaming, so the server answers `Accept: text/event-stream` with chunks as they come.

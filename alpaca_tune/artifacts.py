@@ -154,17 +154,23 @@ def read_training_config(adapter_root: Path) -> dict:
     return {}
 
 
-def fetch_weights(weights: str, workdir: Path) -> Path:
-    """COG_WEIGHTS (archive file, adapter directory or http(s) URL) -> the adapter directory."""
-    if weights.startswith(("http://", "https://")):
-        import urllib.request
+def _download(url: str, target: Path) -> Path:
+    import urllib.request
 
-        downloaded = workdir / "weights-download"
-        try:
-            with urllib.request.urlopen(weights, timeout=300) as response, open(downloaded, "wb") as out:
-                shutil.copyfileobj(response, out)
-        except OSError as err:
-            raise ArtifactError(f"weights={weights}: download failed: {err}") from None
+    shown = url if len(url) < 80 else url[:60] + "..."
+    try:
+        with urllib.request.urlopen(url, timeout=300) as response, open(target, "wb") as out:
+            shutil.copyfileobj(response, out)
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"weights={shown}: download failed: {err}") from None
+    return target
+
+
+def fetch_weights(weights: str, workdir: Path) -> Path:
+    """COG_WEIGHTS -> the adapter directory. Accepted: an archive file, an adapter directory, an
+    http(s) URL to an archive, or the archive as a data: URI (what POST /trainings returns)."""
+    if weights.startswith(("http://", "https://", "data:")):
+        downloaded = _download(weights, workdir / "weights-download")
         return unpack(downloaded, Path(tempfile.mkdtemp(dir=workdir)))
     path = Path(weights)
     if path.is_dir():

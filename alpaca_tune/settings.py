@@ -21,12 +21,12 @@ class SettingsError(UserError):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, ge=None, le=None, choices=None,
-           cog: bool = True):
+           min_length=None, cog: bool = True):
     """A dataclass field with the metadata the Cog Inputs and the CLI are built from.
 
     cog=False marks a local-only setting (e.g. an output directory) that has no Cog Input.
     """
-    meta = {"help": help, "ge": ge, "le": le, "choices": choices, "cog": cog}
+    meta = {"help": help, "ge": ge, "le": le, "choices": choices, "min_length": min_length, "cog": cog}
     return field(default=default, metadata=meta)
 
 
@@ -90,7 +90,7 @@ class TrainSettings:
 
 @dataclass
 class GenerateSettings:
-    prompt: str = option(help="The instruction to answer.")
+    prompt: str = option(help="The instruction to answer.", min_length=1)
     input: str = option("", "Optional input/context for the instruction (Alpaca's 'input').")
     max_new_tokens: int = option(256, "Maximum tokens to generate.", ge=1, le=8192)
     temperature: float = option(0.7, "Sampling temperature; 0 means greedy decoding.", ge=0.0, le=5.0)
@@ -122,6 +122,8 @@ def validate(settings) -> None:
             raise SettingsError(f"{f.name}={value!r}: must be >= {meta['ge']}")
         if meta.get("le") is not None and value > meta["le"]:
             raise SettingsError(f"{f.name}={value!r}: must be <= {meta['le']}")
+        if meta.get("min_length") and len(value) < meta["min_length"]:
+            raise SettingsError(f"{f.name}: must be at least {meta['min_length']} character(s) long")
         if meta.get("choices") and value not in meta["choices"]:
             raise SettingsError(f"{f.name}={value!r}: must be one of {', '.join(map(str, meta['choices']))}")
 

@@ -127,6 +127,7 @@ def test_stop_sequences(server):
     ({"prompt": "Hi", "max_new_tokens": 0}, "max_new_tokens"),           # out of range
     ({"prompt": "Hi", "seed": -2}, "seed"),                              # out of range
     ({"input": "no prompt"}, "prompt"),                                  # missing required
+    ({"prompt": ""}, "prompt"),                                          # empty (min_length 1)
     ({"prompt": "Hi", "top_k": None}, "top_k"),                          # explicit null: omit it instead
 ])
 def test_invalid_inputs_are_refused_with_422(server, inputs, field):

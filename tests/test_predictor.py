@@ -46,9 +46,17 @@ def _predict(predictor, **inputs):
     return predictor.predict(**values)
 
 
-@pytest.mark.parametrize("form", ["archive", "directory"])
+def _as_weights(trained, form: str) -> str:
+    if form == "data-uri":  # what POST /trainings returns, passed on as COG_WEIGHTS
+        import base64
+
+        return "data:application/gzip;base64," + base64.b64encode(trained.archive.read_bytes()).decode()
+    return str(trained.archive if form == "archive" else trained.adapter_dir)
+
+
+@pytest.mark.parametrize("form", ["archive", "directory", "data-uri"])
 def test_predictor_streams_with_adapter(trained, predictor_factory, form):
-    weights = str(trained.archive if form == "archive" else trained.adapter_dir)
+    weights = _as_weights(trained, form)
     predictor = predictor_factory(weights)
     # the template recorded at training time is used automatically
     assert predictor.model.trained_template.name == "alpaca_short"
@@ -121,6 +129,8 @@ def test_corrupt_archive_fails_setup_clearly(tmp_path, predictor_factory):
         predictor_factory(str(broken))
     with pytest.raises(artifacts.ArtifactError, match="no such file"):
         predictor_factory(str(tmp_path / "missing.tar.gz"))
+    with pytest.raises(artifacts.ArtifactError, match="download failed"):
+        predictor_factory("data:application/gzip;base64,@@not base64@@")
 
 
 def test_size_limit(tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ def test_cog_inputs_mirror_the_settings(entry, cls, required):
         assert cog_input.description == field.metadata["help"], name
         assert cog_input.ge == field.metadata["ge"] and cog_input.le == field.metadata["le"], name
         assert cog_input.choices == field.metadata["choices"], name
+        assert cog_input.min_length == field.metadata["min_length"], name
 
 
 def test_cli_uses_the_same_names_and_defaults():
@@ -60,7 +61,7 @@ def test_cli_rejects_out_of_range_with_the_flag_name(capsys):
 @pytest.mark.parametrize("change, message", [
     ({"temperature": -1.0}, "temperature"),
     ({"top_p": 1.5}, "top_p"),
-    ({"prompt": ""}, "prompt: a value is required"),
+    ({"prompt": ""}, "prompt: a value is required|prompt: must be at least 1"),
 ])
 def test_validate_names_the_setting(change, message):
     settings = dataclasses.replace(GenerateSettings(prompt="hi"), **change)
