@@ -162,12 +162,13 @@ def run_training(settings: TrainSettings, progress: bool = True) -> TrainResult:
         batches = [make_batch([train_examples[i] for i in indices], settings.packing, pad_id)
                    for indices in plan.step(step)]
         step_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
-        step_loss, step_tokens = 0.0, 0
+        step_loss, step_tokens, step_slots = 0.0, 0, 0
         for batch in batches:
             loss_sum, _ = label_loss(causal_lm, _to(batch, device))
             # normalise by the step's target tokens, so accumulation equals one big batch
             (loss_sum / max(step_targets, 1)).backward()
             step_loss += loss_sum.item()
+            step_slots += batch["input_ids"].numel()  # what was computed, padding included
             step_tokens += int(batch["targets"].numel() if settings.packing else batch["attention_mask"].sum())
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
@@ -178,6 +179,7 @@ def run_training(settings: TrainSettings, progress: bool = True) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         meter.step_done(done, step_loss / max(step_targets, 1), lr, step_tokens, history)
+        history[-1]["padded_tokens"] = step_slots
         if val_examples and settings.eval_steps and done % settings.eval_steps == 0 and done < total_steps:
             evals.append({"step": done, "eval_loss": evaluate(causal_lm, val_examples,
                           settings.train_batch_size, settings.packing, pad_id, device)})
@@ -210,6 +212,8 @@ def _write_outputs(settings, output_dir, model, initial, template, causal_lm, hi
                "final_train_loss": history[-1]["loss"] if history else None,
                "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
                "tokens_per_s": round(meter.tokens_per_s, 1), "wall_time_s": round(wall, 2),
+               "padding_fraction": round(1 - sum(h["tokens"] for h in history) /
+                                         max(sum(h.get("padded_tokens", 0) for h in history), 1), 4),
                "steps": len(history), **data_stats}
     config = {"settings": dataclasses.asdict(settings), "prompt_template": template.to_json(),
               "base_model": {"path": str(causal_lm.name_or_path),

@@ -137,8 +137,8 @@ def run_ours(train_path: Path, base_dir: Path, output_dir: Path, **extra) -> dic
     result = run_training(settings)
     history = result.metrics["history"]
     seconds = history[-1]["elapsed_s"]
-    real = sum(h["tokens"] for h in history)
-    return {"seconds": seconds, "real_tokens": real, "padded_tokens": real if settings.packing else None,
+    return {"seconds": seconds, "real_tokens": sum(h["tokens"] for h in history),
+            "padded_tokens": sum(h["padded_tokens"] for h in history),
             "adapter": str(result.adapter_dir)}
 
 
@@ -203,7 +203,7 @@ def main() -> None:
           f"{HYPER['train_batch_size']}x{HYPER['gradient_accumulation_steps']} batch, cutoff {HYPER['cutoff_len']}")
     print(f"{'variant':10} {'tokens/s':>9} {'padding':>8} {'peak RSS':>9} {'eval loss':>10} {'seconds':>8}")
     for name, r in results.items():
-        padding = 1 - r["real_tokens"] / r["padded_tokens"] if r["padded_tokens"] else 0.0
+        padding = 1 - r["real_tokens"] / r["padded_tokens"]
         r["tokens_per_s"] = r["real_tokens"] / r["seconds"]
         print(f"{name:10} {r['tokens_per_s']:9.1f} {padding:8.1%} {r['peak_rss_mb']:7.0f}MB "
               f"{r['eval_loss']:10.4f} {r['seconds']:8.1f}")
