@@ -34,10 +34,11 @@ class InstructModel:
         model.config.use_cache = True
         if not weights:
             return cls(model, tokenizer, None)
-        workdir = Path(tempfile.mkdtemp(prefix="adapter-"))
-        adapter_dir = fetch_weights(str(weights), workdir)
-        recorded = read_training_config(adapter_dir).get("prompt_template")
-        model = load_adapter(model, adapter_dir)
+        # the unpacked files are only needed until the weights are in memory
+        with tempfile.TemporaryDirectory(prefix="adapter-") as workdir:
+            adapter_dir = fetch_weights(str(weights), Path(workdir))
+            recorded = read_training_config(adapter_dir).get("prompt_template")
+            model = load_adapter(model, adapter_dir)
         if merge:
             model = merge_adapter(model)
         log.info("adapter loaded from %s (%s)", weights, "merged" if merge else "unmerged")
