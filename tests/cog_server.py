@@ -254,6 +254,12 @@ class LocalHTTP:
         self.httpd.server_close()
 
 
+def wait_until_idle(server: CogServer, timeout: float = 30.0):
+    """coglet answers a request a few milliseconds before it frees its one slot: a request sent in
+    that window gets 409. A client that must not see it waits for READY (or retries)."""
+    return server.wait_for(("READY",), timeout, poll=0.005)
+
+
 def data_uri(path: Path, mime: str = "application/json") -> str:
     import base64
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from cog_server import FAST_TRAINING, CogServer, LocalHTTP, data_uri, save_data_uri, tiny_env
+from cog_server import FAST_TRAINING, CogServer, LocalHTTP, data_uri, save_data_uri, tiny_env, wait_until_idle
 from conftest import TINY_RECORDS
 
 pytestmark = pytest.mark.slow
@@ -39,11 +39,6 @@ def data_dir(tmp_path_factory):
 def web(data_dir):
     with LocalHTTP(data_dir) as running:
         yield running
-
-
-def wait_until_idle(server, timeout=30.0):
-    """coglet answers a few milliseconds before it frees its one slot (a request then gets 409)."""
-    return server.wait_for(("READY",), timeout, poll=0.005)
 
 
 def train(server, **inputs):
