@@ -12,7 +12,6 @@ import torch
 from .base_model import resolve_base_dir
 
 log = logging.getLogger(__name__)
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU-kernel notices on every import
 
 
 class ModelError(UserError):
@@ -59,6 +58,11 @@ def _quantization_config(quantization: str, compute_dtype: torch.dtype, device: 
     if device.type != "cuda":
         raise ModelError(f"quantization={quantization!r} needs a CUDA GPU (bitsandbytes' 8-bit and "
                          f"4-bit kernels); on this machine use quantization=none")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"quantization={quantization!r} needs bitsandbytes: pip install "
+                         f"bitsandbytes==0.50.2 (the Cog image has it)")
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
