@@ -132,3 +132,16 @@ def test_quantization_on_cpu_is_a_clear_error(settings):
         pytest.skip("CPU-only check")
     with pytest.raises(ModelError, match="needs a CUDA GPU"):
         run_training(dataclasses.replace(settings, quantization="4bit"))
+
+
+def test_quantization_without_bitsandbytes_says_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    from alpaca_tune import model
+    from alpaca_tune.model import ModelError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(ModelError, match="needs bitsandbytes: pip install bitsandbytes=="):
+        model._quantization_config("8bit", torch.bfloat16, torch.device("cuda"))
