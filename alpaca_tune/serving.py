@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .artifacts import fetch_weights, read_training_config
+from .cpu_layout import use_input_major_linears
 from .generation import SamplingParams, parse_stop_sequences, stream_text
 from .model import load_adapter, load_base, merge_adapter
 from .prompts import PromptTemplate, load_template, template_from_json
@@ -33,16 +34,23 @@ class InstructModel:
         model, tokenizer = load_base(base_model)
         model.config.use_cache = True
         if not weights:
-            return cls(model, tokenizer, None)
+            return cls(cls._for_decoding(model), tokenizer, None)
         # the unpacked files are only needed until the weights are in memory
         with tempfile.TemporaryDirectory(prefix="adapter-") as workdir:
             adapter_dir = fetch_weights(str(weights), Path(workdir))
             recorded = read_training_config(adapter_dir).get("prompt_template")
             model = load_adapter(model, adapter_dir)
         if merge:
-            model = merge_adapter(model)
+            model = cls._for_decoding(merge_adapter(model))
         log.info("adapter loaded from %s (%s)", weights, "merged" if merge else "unmerged")
         return cls(model, tokenizer, template_from_json(recorded) if recorded else None)
+
+    @staticmethod
+    def _for_decoding(model):
+        """A plain (merged) model on CPU gets the faster weight layout for decoding."""
+        if model.device.type == "cpu":
+            use_input_major_linears(model)
+        return model
 
     def template_for(self, name: str) -> PromptTemplate:
         if name == "auto":

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alpaca_tune.generation import SamplingParams, generate_token_ids  # noqa: E402
 from alpaca_tune.model import load_base  # noqa: E402
+from alpaca_tune.serving import InstructModel  # noqa: E402
 from alpaca_tune.prompts import load_template  # noqa: E402
 from alpaca_tune.tokenization import encode_prompt  # noqa: E402
 
@@ -85,12 +86,15 @@ def main() -> None:
     parser.add_argument("--base_model", default="")
     args = parser.parse_args()
 
+    # ours: the model exactly as the Predictor serves it; theirs: the plain transformers model
+    served = InstructModel.load(None, base_model=args.base_model)
     model, tokenizer = load_base(args.base_model)
     model.eval()
     model.config.use_cache = True
     prompt_ids = encode_prompt(tokenizer, load_template("alpaca").render(PROMPT))
     # correctness first: both sides produce the same greedy tokens
-    ours_tokens = list(generate_token_ids(model, prompt_ids, SamplingParams(max_new_tokens=32, temperature=0.0), set()))
+    ours_tokens = list(generate_token_ids(served.model, prompt_ids,
+                                          SamplingParams(max_new_tokens=32, temperature=0.0), set()))
     hf_tokens = model.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False,
                                eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
     assert ours_tokens == hf_tokens, "greedy tokens differ from transformers' generate"
@@ -100,9 +104,9 @@ def main() -> None:
     bound = bandwidth * 1e9 / per_token
     rows = {}
     with torch.inference_mode():
-        for name, timer in (("ours", time_ours), ("hf-generate", time_hf)):
-            timer(model, prompt_ids, 8)  # warm-up
-            runs = [timer(model, prompt_ids, args.new_tokens) for _ in range(args.repeats)]
+        for name, timer, subject in (("ours", time_ours, served.model), ("hf-generate", time_hf, model)):
+            timer(subject, prompt_ids, 8)  # warm-up
+            runs = [timer(subject, prompt_ids, args.new_tokens) for _ in range(args.repeats)]
             rows[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
     print(f"model {model.config.architectures[0]} {per_token / 1e6:.0f} MB of weights ({model.dtype}), "
           f"prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
