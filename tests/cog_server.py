@@ -260,6 +260,14 @@ def wait_until_idle(server: CogServer, timeout: float = 30.0):
     return server.wait_for(("READY",), timeout, poll=0.005)
 
 
+def post_input(server: CogServer, path: str, inputs: dict) -> dict:
+    """POST {"input": inputs} once the server is idle; the request must be accepted (200)."""
+    wait_until_idle(server)
+    code, body = server.post(path, {"input": inputs})
+    assert code == 200, body
+    return body
+
+
 def data_uri(path: Path, mime: str = "application/json") -> str:
     import base64
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from cog_server import CogServer, LocalHTTP, data_uri, tiny_env, train_over_http, wait_until_idle
+from cog_server import CogServer, LocalHTTP, data_uri, post_input, tiny_env, train_over_http, wait_until_idle
 from conftest import TINY_RECORDS
 
 pytestmark = pytest.mark.slow
@@ -45,10 +45,7 @@ def web(weights_dir):
 
 
 def predict(server, **inputs):
-    wait_until_idle(server)
-    code, body = server.post("/predictions", {"input": inputs})
-    assert code == 200, body
-    return body
+    return post_input(server, "/predictions", inputs)
 
 
 def text_of(body) -> str:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from cog_server import FAST_TRAINING, CogServer, LocalHTTP, data_uri, save_data_uri, tiny_env, wait_until_idle
+from cog_server import FAST_TRAINING, CogServer, LocalHTTP, data_uri, post_input, save_data_uri, tiny_env, wait_until_idle
 from conftest import TINY_RECORDS
 
 pytestmark = pytest.mark.slow
@@ -42,10 +42,7 @@ def web(data_dir):
 
 
 def train(server, **inputs):
-    wait_until_idle(server)
-    code, body = server.post("/trainings", {"input": inputs})
-    assert code == 200, body
-    return body
+    return post_input(server, "/trainings", inputs)
 
 
 def archive_members(uri: str, tmp_path) -> dict[str, bytes]:
