@@ -54,8 +54,15 @@ def text_of(body) -> str:
 
 
 def test_ready_with_the_adapter_and_schema(server):
+    import time
+
     health = server.health()
     assert health["status"] == "READY"
+    # the worker's log lines reach setup.logs asynchronously, sometimes just after READY
+    deadline = time.monotonic() + 10
+    while "adapter loaded from" not in health["setup"]["logs"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        health = server.health()
     assert "adapter loaded from" in health["setup"]["logs"]
     code, schema = server.request("GET", "/openapi.json")
     assert code == 200 and schema["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
