@@ -260,6 +260,17 @@ def wait_until_idle(server: CogServer, timeout: float = 30.0):
     return server.wait_for(("READY",), timeout, poll=0.005)
 
 
+def setup_logs_with(server: CogServer, text: str, timeout: float = 10.0) -> dict:
+    """The health-check once setup.logs contains text: coglet forwards the worker's log lines
+    asynchronously, so a line can arrive just after READY / SETUP_FAILED is reported."""
+    deadline = time.monotonic() + timeout
+    health = server.health()
+    while text not in health["setup"]["logs"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        health = server.health()
+    return health
+
+
 def post_input(server: CogServer, path: str, inputs: dict) -> dict:
     """POST {"input": inputs} once the server is idle; the request must be accepted (200)."""
     wait_until_idle(server)

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from cog_server import CogServer, LocalHTTP, data_uri, post_input, tiny_env, train_over_http, wait_until_idle
+from cog_server import (CogServer, LocalHTTP, data_uri, post_input, setup_logs_with, tiny_env, train_over_http,
+                        wait_until_idle)
 from conftest import TINY_RECORDS
 
 pytestmark = pytest.mark.slow
@@ -54,15 +55,8 @@ def text_of(body) -> str:
 
 
 def test_ready_with_the_adapter_and_schema(server):
-    import time
-
-    health = server.health()
+    health = setup_logs_with(server, "adapter loaded from")
     assert health["status"] == "READY"
-    # the worker's log lines reach setup.logs asynchronously, sometimes just after READY
-    deadline = time.monotonic() + 10
-    while "adapter loaded from" not in health["setup"]["logs"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-        health = server.health()
     assert "adapter loaded from" in health["setup"]["logs"]
     code, schema = server.request("GET", "/openapi.json")
     assert code == 200 and schema["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
@@ -240,6 +234,7 @@ def test_corrupt_weights_fail_setup_clearly(tmp_path, tiny_model_dir):
     with CogServer("predict", env=tiny_env(tiny_model_dir), weights=broken) as bad:
         health = bad.wait_for(("READY", "SETUP_FAILED"))
         assert health["status"] == "SETUP_FAILED"
+        health = setup_logs_with(bad, f"{broken}: not a readable adapter archive")
         assert f"{broken}: not a readable adapter archive" in health["setup"]["logs"]
         code, body = bad.post("/predictions", {"input": {"prompt": "Hi"}})
         assert code == 503 and body["status"] == "failed", body
