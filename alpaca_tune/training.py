@@ -117,7 +117,29 @@ def prepare_examples(records, settings: TrainSettings, tokenizer, template):
                         "train_label_tokens_per_epoch": stats.label_tokens}
 
 
-def run_training(settings: TrainSettings, progress: bool = True) -> TrainResult:
+def optimizer_step(model, causal_lm, batches: list[dict[str, torch.Tensor]], optimizer, scheduler,
+                   max_grad_norm: float, device: torch.device) -> tuple[float, float, int, int]:
+    """One optimizer step over its micro-batches: (mean loss per target token, the lr used,
+    real tokens, computed tokens including padding)."""
+    step_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
+    loss_total, tokens, slots = 0.0, 0, 0
+    for batch in batches:
+        loss_sum, _ = label_loss(causal_lm, _to(batch, device))
+        # normalise by the whole step's target tokens, so accumulation equals one big batch
+        (loss_sum / max(step_targets, 1)).backward()
+        loss_total += loss_sum.item()
+        slots += batch["input_ids"].numel()
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_total / max(step_targets, 1), lr, tokens, slots
+
+
+def run_training(settings: TrainSettings) -> TrainResult:
     validate(settings)
     template = load_template(settings.prompt_template)
     records = load_records(settings.train_data)  # bad data fails before the model is loaded
@@ -161,25 +183,11 @@ def run_training(settings: TrainSettings, progress: bool = True) -> TrainResult:
     for step in range(start_step, total_steps):
         batches = [make_batch([train_examples[i] for i in indices], settings.packing, pad_id)
                    for indices in plan.step(step)]
-        step_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
-        step_loss, step_tokens, step_slots = 0.0, 0, 0
-        for batch in batches:
-            loss_sum, _ = label_loss(causal_lm, _to(batch, device))
-            # normalise by the step's target tokens, so accumulation equals one big batch
-            (loss_sum / max(step_targets, 1)).backward()
-            step_loss += loss_sum.item()
-            step_slots += batch["input_ids"].numel()  # what was computed, padding included
-            step_tokens += int(batch["targets"].numel() if settings.packing else batch["attention_mask"].sum())
-        if settings.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                           settings.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, lr, tokens, slots = optimizer_step(model, causal_lm, batches, optimizer, scheduler,
+                                                 settings.max_grad_norm, device)
         done = step + 1
-        meter.step_done(done, step_loss / max(step_targets, 1), lr, step_tokens, history)
-        history[-1]["padded_tokens"] = step_slots
+        meter.step_done(done, loss, lr, tokens, history)
+        history[-1]["padded_tokens"] = slots
         if val_examples and settings.eval_steps and done % settings.eval_steps == 0 and done < total_steps:
             evals.append({"step": done, "eval_loss": evaluate(causal_lm, val_examples,
                           settings.train_batch_size, settings.packing, pad_id, device)})
