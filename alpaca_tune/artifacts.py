@@ -64,8 +64,7 @@ def verify_adapter_dir(adapter_dir: Path, expected: dict[str, tuple[int, ...]],
     if not (adapter_dir / "adapter_config.json").is_file() or not weights_file.is_file():
         raise ArtifactError(f"{adapter_dir}: adapter_config.json or adapter_model.safetensors missing")
     saved = load_file(str(weights_file))
-    # PEFT stores keys without the adapter name ("...lora_A.weight"); compare on that form
-    want = {key.replace(".default.", "."): shape for key, shape in expected.items()}
+    want = {_saved_key(key): shape for key, shape in expected.items()}
     missing = sorted(set(want) - set(saved))
     if not saved or missing:
         raise ArtifactError(f"{weights_file}: {len(saved)} tensors saved, {len(missing)} LoRA tensors "
@@ -75,16 +74,17 @@ def verify_adapter_dir(adapter_dir: Path, expected: dict[str, tuple[int, ...]],
             raise ArtifactError(f"{weights_file}: {key} has shape {tuple(saved[key].shape)}, "
                                 f"expected {shape}")
     if initial is not None:
+        before = {_saved_key(key): value for key, value in initial.items()}
         lora_b = [k for k in want if k.endswith("lora_B.weight")]
-        unchanged = [k for k in lora_b if k in _strip_names(initial) and
-                     torch.equal(saved[k].float(), _strip_names(initial)[k].float())]
+        unchanged = [k for k in lora_b if k in before and torch.equal(saved[k].float(), before[k].float())]
         if len(unchanged) == len(lora_b):
             raise ArtifactError(f"{weights_file}: no LoRA weight moved from its initial value; "
                                 f"training did not update the adapter")
 
 
-def _strip_names(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.replace(".default.", "."): v for k, v in params.items()}
+def _saved_key(name: str) -> str:
+    """PEFT saves keys without the adapter name: "...q_proj.lora_A.default.weight" -> "...lora_A.weight"."""
+    return name.replace(".default.", ".")
 
 
 def save_adapter(peft_model, adapter_dir: Path, initial: dict[str, torch.Tensor] | None = None) -> Path:
