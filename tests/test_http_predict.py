@@ -123,6 +123,7 @@ def test_stop_sequences(server):
     ({"prompt": "Hi", "top_k": None}, "top_k"),                          # explicit null: omit it instead
 ])
 def test_invalid_inputs_are_refused_with_422(server, inputs, field):
+    wait_until_idle(server)  # a 409 from the previous test's slot must not mask the 422
     code, body = server.post("/predictions", {"input": inputs})
     assert code == 422, body
     assert any(error["loc"] == ["body", "input", field] for error in body["detail"]), body
@@ -134,7 +135,7 @@ def test_malformed_requests_never_break_the_server(server):
     wait_until_idle(server)
     code, body = server.post("/predictions", {"input": {"prompt": "Hi", "unknown_field": 1, "max_new_tokens": 2}})
     assert code == 200 and body["status"] == "succeeded"  # unknown inputs are dropped, as on Replicate
-    assert server.health()["status"] == "READY"
+    assert wait_until_idle(server, timeout=5)["status"] == "READY"
 
 
 def test_a_failed_prediction_does_not_break_the_next(server):

@@ -94,7 +94,7 @@ def test_bad_records_fail_the_training_with_the_reason(server, data_dir):
     body = train(server, train_data=data_uri(data_dir / "bad.json"), **FAST_TRAINING)
     assert body["status"] == "failed"
     assert "record 0" in body["error"] and "record 1" in body["error"], body["error"]
-    assert server.health()["status"] == "READY"
+    assert wait_until_idle(server, timeout=5)["status"] == "READY"
 
 
 def test_cancel_a_training(server, data_dir, web):
