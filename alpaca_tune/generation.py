@@ -1,86 +1,71 @@
 """Streaming generation: prompt -> response text chunks, stopping at EOS or a stop sequence.
 
-Our own token loop over transformers' KV cache and logits processors (rather than generate() in a
-thread with a streamer) so that each token is produced in the caller's thread: a Cog cancel lands
-between two tokens, and nothing keeps running after the caller stops reading.
+Our own token loop over a KV cache (transformers' or LeanLlama's) and sampling.py, rather than
+generate() in a thread with a streamer, so that each token is produced in the caller's thread: a
+Cog cancel lands between two tokens, and nothing keeps running after the caller stops reading.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.7  # 0: greedy
-    top_p: float = 0.9
-    top_k: int = 40  # 0: off
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+from .lean_llama import LeanLlama
+from .sampling import SamplingParams, next_token, process_scores
 
 
 def parse_stop_sequences(text: str) -> list[str]:
     return [s for s in (part.strip() for part in text.split(",")) if s]
 
 
-def _logits_processors(params: SamplingParams):
-    from transformers.generation.logits_process import (
-        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-        TopKLogitsWarper, TopPLogitsWarper)
-
-    processors = LogitsProcessorList()
-    if params.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-    if params.temperature > 0:
-        processors.append(TemperatureLogitsWarper(params.temperature))
-        if params.top_k > 0:
-            processors.append(TopKLogitsWarper(params.top_k))
-        if params.top_p < 1.0:
-            processors.append(TopPLogitsWarper(params.top_p))
-    return processors
-
-
 def eos_ids_of(model, tokenizer) -> set[int]:
     """Every id that ends generation: the tokenizer's EOS and the model config's (may be a list)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for config in (getattr(model, "generation_config", None), model.config):
-        configured = getattr(config, "eos_token_id", None)
+        configured = config.get("eos_token_id") if isinstance(config, dict) else getattr(config, "eos_token_id", None)
         ids.update(configured if isinstance(configured, list) else [configured])
     ids.discard(None)
     return ids
 
 
+def _feeder(model, capacity: int):
+    """feed(ids) -> fp32 logits [vocab] after those ids, keeping the model's KV cache between calls."""
+    if isinstance(model, LeanLlama):
+        cache = model.new_cache(capacity)
+        return lambda ids: model.forward(ids, cache)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+
+    def feed(ids: list[int]) -> torch.Tensor:
+        step = torch.tensor([ids], device=model.device)
+        return model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+    return feed
+
+
 @torch.inference_mode()
 def generate_token_ids(model, prompt_ids: list[int], params: SamplingParams,
                        eos_ids: set[int]) -> Iterator[int]:
-    """Yield generated ids one at a time (EOS excluded), reusing the KV cache between steps."""
-    from transformers import DynamicCache
+    """Yield generated ids one at a time (EOS excluded), reusing the KV cache between steps.
 
+    `model` is a transformers causal LM or a LeanLlama (the CPU serving path).
+    """
     device = model.device
-    processors = _logits_processors(params)
+    feed = _feeder(model, capacity=len(prompt_ids) + params.max_new_tokens)
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-    sequence = torch.tensor([prompt_ids], device=device)  # [1, T]
-    cache = DynamicCache(config=model.config)
-    step_input = sequence
-    for _ in range(params.max_new_tokens):
-        logits = model(input_ids=step_input, past_key_values=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1, :].float()  # [1, V]
-        scores = processors(sequence, logits)
-        if params.temperature > 0:
-            next_id = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)  # [1, 1]
-        else:
-            next_id = scores.argmax(dim=-1, keepdim=True)
+    sequence = torch.tensor([prompt_ids], device=device)  # [1, T]: what the repetition penalty sees
+    logits = feed(prompt_ids)
+    for step in range(params.max_new_tokens):
+        if step:
+            logits = feed([token])
+        next_id = next_token(process_scores(logits[None], sequence, params), params, generator)  # [1, 1]
         token = int(next_id)
         if token in eos_ids:
             return
         yield token
         sequence = torch.cat([sequence, next_id], dim=1)
-        step_input = next_id
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -1,7 +1,9 @@
 """A base model plus (optionally) a trained adapter, ready to answer instructions.
 
 This is what Predictor.setup builds once and predict() calls per request. The adapter is merged
-into the base weights after loading: same outputs (tested), no per-token LoRA cost.
+into the base weights after loading: same outputs (tested), no per-token LoRA cost. On CPU a
+Llama is served by lean_llama.py, which needs neither transformers nor PEFT (seconds faster to
+start, ~1.5x faster to decode); anything else goes through transformers.
 """
 
 from __future__ import annotations
@@ -12,45 +14,72 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .artifacts import fetch_weights, read_training_config
-from .cpu_layout import use_input_major_linears
-from .generation import SamplingParams, parse_stop_sequences, stream_text
-from .model import load_adapter, load_base, merge_adapter
+from .base_model import resolve_base_dir
+from .generation import parse_stop_sequences, stream_text
+from .lean_llama import LeanLlama, read_config, unsupported_reason
+from .lora_merge import read_adapter_config, unmergeable_reason
+from .model import load_adapter, load_base, merge_adapter, pick_device
 from .prompts import PromptTemplate, load_template, template_from_json
+from .sampling import SamplingParams
+from .serving_tokenizer import ServingTokenizer
 from .settings import GenerateSettings, validate
 from .tokenization import encode_prompt
 
 log = logging.getLogger(__name__)
 
 
+def lean_unsupported_reason(base_dir: Path, adapter_dir: Path | None, merge: bool) -> str | None:
+    """Why the model is not served by LeanLlama (None: it is)."""
+    if pick_device().type != "cpu":
+        return "a GPU is available"
+    if not merge:
+        return "the adapter is kept unmerged"
+    reason = unsupported_reason(read_config(base_dir))
+    if reason is None and adapter_dir is not None:
+        reason = unmergeable_reason(read_adapter_config(adapter_dir))
+    return reason
+
+
 class InstructModel:
     def __init__(self, model, tokenizer, trained_template: PromptTemplate | None):
-        self.model = model.eval()
+        self.model = model
         self.tokenizer = tokenizer
         self.trained_template = trained_template
 
     @classmethod
     def load(cls, weights: str | None = None, base_model: str = "", merge: bool = True) -> InstructModel:
         """Base model (+ adapter from an archive, a directory or an http(s) URL when weights is set)."""
-        model, tokenizer = load_base(base_model)
-        model.config.use_cache = True
+        base_dir = resolve_base_dir(base_model)
         if not weights:
-            return cls(cls._for_decoding(model), tokenizer, None)
+            return cls(cls._load_model(base_dir, None, merge), *cls._tokenizer_and_template(base_dir, None))
         # the unpacked files are only needed until the weights are in memory
         with tempfile.TemporaryDirectory(prefix="adapter-") as workdir:
             adapter_dir = fetch_weights(str(weights), Path(workdir))
-            recorded = read_training_config(adapter_dir).get("prompt_template")
-            model = load_adapter(model, adapter_dir)
-        if merge:
-            model = cls._for_decoding(merge_adapter(model))
+            model = cls._load_model(base_dir, adapter_dir, merge)
+            tokenizer, template = cls._tokenizer_and_template(base_dir, adapter_dir)
         log.info("adapter loaded from %s (%s)", weights, "merged" if merge else "unmerged")
-        return cls(model, tokenizer, template_from_json(recorded) if recorded else None)
+        return cls(model, tokenizer, template)
 
     @staticmethod
-    def _for_decoding(model):
-        """A plain (merged) model on CPU gets the faster weight layout for decoding."""
-        if model.device.type == "cpu":
-            use_input_major_linears(model)
-        return model
+    def _load_model(base_dir: Path, adapter_dir: Path | None, merge: bool):
+        """LeanLlama on CPU when it can run the model (faster start and decoding), else transformers."""
+        reason = lean_unsupported_reason(base_dir, adapter_dir, merge)
+        if reason is None:
+            log.info("loading %s for CPU serving (lean Llama path)", base_dir)
+            return LeanLlama.load(base_dir, adapter_dir)
+        log.info("serving through transformers: %s", reason)
+        model, _ = load_base(base_dir)
+        model.config.use_cache = True
+        if adapter_dir is not None:
+            model = load_adapter(model, adapter_dir)
+            if merge:
+                model = merge_adapter(model)
+        return model.eval()
+
+    @staticmethod
+    def _tokenizer_and_template(base_dir: Path, adapter_dir: Path | None):
+        recorded = read_training_config(adapter_dir).get("prompt_template") if adapter_dir else None
+        return ServingTokenizer(base_dir), template_from_json(recorded) if recorded else None
 
     def template_for(self, name: str) -> PromptTemplate:
         if name == "auto":

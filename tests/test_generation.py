@@ -96,20 +96,3 @@ def test_merged_adapter_equals_unmerged(tiny_model_dir, tmp_path):
         merged = merge_adapter(unmerged)
         assert not any("lora" in name for name, _ in merged.named_parameters())
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
-
-
-def test_input_major_layout_gives_the_same_logits_and_tokens(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    from alpaca_tune.cpu_layout import InputMajorLinear, use_input_major_linears
-
-    reference = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-    swapped = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-    assert use_input_major_linears(swapped) == 2 * 7  # q k v o gate up down, 2 layers
-    assert isinstance(swapped.model.layers[0].self_attn.q_proj, InputMajorLinear)
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        torch.testing.assert_close(swapped(input_ids=ids).logits, reference(input_ids=ids).logits,
-                                   atol=1e-5, rtol=1e-4)
-    assert list(generate_token_ids(swapped, PROMPT, GREEDY, set())) == \
-        list(generate_token_ids(reference, PROMPT, GREEDY, set()))

@@ -142,3 +142,19 @@ def test_size_limit(tmp_path, monkeypatch):
         tar.addfile(info, io.BytesIO(b"x" * 100))
     with pytest.raises(artifacts.ArtifactError, match="unpacks to more than"):
         artifacts.fetch_weights(str(path), tmp_path)
+
+
+def test_lean_cpu_path_answers_as_transformers_does(trained, tiny_model_dir):
+    """On CPU the Predictor serves through LeanLlama; keeping the adapter unmerged goes through
+    transformers + PEFT instead. Both must give the same greedy answer and sampled answer."""
+    from alpaca_tune.lean_llama import LeanLlama
+    from alpaca_tune.serving import InstructModel
+    from alpaca_tune.settings import GenerateSettings
+
+    lean = InstructModel.load(str(trained.archive), base_model=str(tiny_model_dir))
+    peft = InstructModel.load(str(trained.archive), base_model=str(tiny_model_dir), merge=False)
+    assert isinstance(lean.model, LeanLlama) and not isinstance(peft.model, LeanLlama)
+    for settings in (GenerateSettings(prompt="Tell me about alpacas.", temperature=0.0, max_new_tokens=20),
+                     GenerateSettings(prompt="Name a colour.", temperature=0.9, top_k=20, top_p=0.8,
+                                      repetition_penalty=1.2, seed=5, max_new_tokens=20)):
+        assert "".join(lean.stream(settings)) == "".join(peft.stream(settings))
