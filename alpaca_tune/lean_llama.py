@@ -5,7 +5,7 @@ Why not transformers' model here (figures in BENCHMARKS.md): importing transform
 matrix, which PyTorch's CPU kernels stream from memory at ~11 GB/s on the project's machine while
 numpy's OpenBLAS streams ~20 GB/s. So this module reads the same safetensors, merges the adapter
 (lora_merge.py), fuses q/k/v and gate/up into one product each, keeps a preallocated KV cache, and
-sends single-token products to OpenBLAS. Prompt processing (many tokens) stays on torch.
+sends the products to OpenBLAS.
 
 Only what the Llama family needs: RMSNorm, rotary embeddings (default, linear and llama3
 scaling), grouped-query attention, SiLU MLP, tied or separate output head, fp32 on CPU. Anything
@@ -99,10 +99,10 @@ class Layer:
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, in] @ weight[out, in].T; one row (decoding) goes to OpenBLAS, which streams faster."""
+    """x [T, in] @ weight[out, in].T on OpenBLAS (via numpy), which streams weights faster."""
     if x.shape[0] == 1:
         return torch.from_numpy(weight.numpy() @ x.numpy()[0])[None]  # a matrix-vector product
-    return F.linear(x, weight)
+    return torch.from_numpy(x.numpy() @ weight.numpy().T)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -197,11 +197,9 @@ class LeanLlama:
 
     def forward(self, ids: list[int], cache: KVCache) -> torch.Tensor:
         """Feed the next ids (all of the prompt, then one at a time); logits [vocab] of the last."""
-        if len(ids) > 1:
-            return self._forward(ids, cache)
-        # One token: the products run on OpenBLAS's threads. torch's own threads would spin
-        # between its small ops and starve them (measured 4 instead of 25 tokens/s), so torch
-        # keeps to the calling thread for the step.
+        # The products run on OpenBLAS's threads. torch's own threads would spin between its
+        # small ops and starve them (measured 4 instead of 25 tokens/s), so torch keeps to the
+        # calling thread meanwhile.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

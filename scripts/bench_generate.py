@@ -8,11 +8,14 @@ ceiling is (memory bandwidth) / (weight bytes per token). The bandwidth is measu
 run (a large tensor read), and every figure below is from this one process on one machine.
 Reported: time to first token (prompt processing + first token), tokens/s after the first, and
 the fraction of the bound reached. EOS is ignored so both sides generate exactly the same count.
+The Predictor serves one request at a time, so its batch throughput is its single-stream rate;
+`generate` with a batch of prompts is shown for comparison (aggregate tokens/s).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -66,8 +69,8 @@ def time_ours(model, prompt_ids, new_tokens) -> tuple[float, float]:
     return first - started, (count - 1) / (end - first)
 
 
-def time_hf(model, prompt_ids, new_tokens) -> tuple[float, float]:
-    ids = torch.tensor([prompt_ids], device=model.device)
+def time_hf(model, prompt_ids, new_tokens, batch: int = 1) -> tuple[float, float]:
+    ids = torch.tensor([prompt_ids] * batch, device=model.device)
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     started = time.perf_counter()
     model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
@@ -76,7 +79,7 @@ def time_hf(model, prompt_ids, new_tokens) -> tuple[float, float]:
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
     total = time.perf_counter() - started
     assert out.shape[1] - ids.shape[1] == new_tokens
-    return ttft, (new_tokens - 1) / (total - ttft)
+    return ttft, batch * (new_tokens - 1) / (total - ttft)
 
 
 def main() -> None:
@@ -84,9 +87,10 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--base_model", default="")
+    parser.add_argument("--batch", type=int, default=8, help="prompts per generate() call in the batch row")
     args = parser.parse_args()
 
-    # ours: the model exactly as the Predictor serves it; theirs: the plain transformers model
+    # ours: the model exactly as the Predictor serves it (LeanLlama on CPU); theirs: transformers'
     served = InstructModel.load(None, base_model=args.base_model)
     model, tokenizer = load_base(args.base_model)
     model.eval()
@@ -101,19 +105,24 @@ def main() -> None:
 
     bandwidth = measure_bandwidth_gbs()
     per_token = weight_bytes(model)
+    served_bytes = getattr(served.model, "weight_bytes", per_token)
+    assert served_bytes == per_token, "both sides must read the same weights per token"
     bound = bandwidth * 1e9 / per_token
     rows = {}
+    hf_batch = functools.partial(time_hf, batch=args.batch)
     with torch.inference_mode():
-        for name, timer, subject in (("ours", time_ours, served.model), ("hf-generate", time_hf, model)):
+        for name, timer, subject in (("ours", time_ours, served.model), ("hf-generate", time_hf, model),
+                                     (f"hf-generate x{args.batch}", hf_batch, model)):
             timer(subject, prompt_ids, 8)  # warm-up
             runs = [timer(subject, prompt_ids, args.new_tokens) for _ in range(args.repeats)]
             rows[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
     print(f"model {model.config.architectures[0]} {per_token / 1e6:.0f} MB of weights ({model.dtype}), "
           f"prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
     print(f"memory bandwidth (read) {bandwidth:.1f} GB/s -> bound {bound:.1f} tokens/s")
-    print(f"{'decoder':12} {'TTFT':>8} {'tokens/s':>9} {'of bound':>9}")
+    print(f"{'decoder':16} {'TTFT':>8} {'tokens/s':>9} {'of bound':>9}")
     for name, (ttft, rate) in rows.items():
-        print(f"{name:12} {ttft * 1000:6.0f}ms {rate:9.1f} {rate / bound:9.0%}")
+        share = f"{rate / bound:9.0%}" if "x" not in name else f"{'(batch)':>9}"
+        print(f"{name:16} {ttft * 1000:6.0f}ms {rate:9.1f} {share}")
     print(f"\nours / hf-generate: {rows['ours'][1] / rows['hf-generate'][1]:.2f}x tokens/s")
 
 
