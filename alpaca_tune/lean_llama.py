@@ -4,8 +4,8 @@ Why not transformers' model here (figures in BENCHMARKS.md): importing transform
 ~4 s of the server's start-up, and decoding one token is a matrix-vector product per weight
 matrix, which PyTorch's CPU kernels stream from memory at ~11 GB/s on the project's machine while
 numpy's OpenBLAS streams ~20 GB/s. So this module reads the same safetensors, merges the adapter
-(lora_merge.py), fuses q/k/v and gate/up into one product each, keeps a preallocated KV cache, and
-sends the products to OpenBLAS.
+(lora_merge.py), fuses q/k/v and gate/up into one product each (stored [in, out]), keeps a
+preallocated KV cache, and sends the products to OpenBLAS.
 
 Only what the Llama family needs: RMSNorm, rotary embeddings (default, linear and llama3
 scaling), grouped-query attention, SiLU MLP, tied or separate output head, fp32 on CPU. Anything
@@ -90,23 +90,27 @@ def inverse_frequencies(config: dict, head_dim: int) -> torch.Tensor:
 
 @dataclass
 class Layer:
+    """One decoder layer's weights; products stored [in, out] (x @ W), which OpenBLAS streams faster."""
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [q_dim + 2 kv_dim, hidden]: q, k, v stacked
+    qkv: torch.Tensor  # [hidden, q_dim + 2 kv_dim]: q, k, v side by side
     o: torch.Tensor
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 intermediate, hidden]: gate, up stacked
+    gate_up: torch.Tensor  # [hidden, 2 intermediate]: gate, up side by side
     down: torch.Tensor
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, in] @ weight[out, in].T on OpenBLAS (via numpy), which streams weights faster."""
-    if x.shape[0] == 1:
-        return torch.from_numpy(weight.numpy() @ x.numpy()[0])[None]  # a matrix-vector product
-    return torch.from_numpy(x.numpy() @ weight.numpy().T)
+def _input_major(*weights: torch.Tensor) -> torch.Tensor:
+    """nn.Linear weights [out, in] -> one [in, sum of outs] matrix."""
+    return torch.cat(weights).t().contiguous()
+
+
+def _linear(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ weight_t [in, out] on OpenBLAS (through numpy), which streams weights faster."""
+    return torch.from_numpy(x.numpy() @ weight_t.numpy())
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -154,20 +158,24 @@ class LeanLlama:
             except KeyError:
                 raise LeanModelError(f"the base model's weights lack {name}") from None
 
-        self.embed = take("model.embed_tokens.weight")
+        embed = take("model.embed_tokens.weight")  # [vocab, hidden]
         self.layers = []
         for i in range(config["num_hidden_layers"]):
             p = f"model.layers.{i}."
             self.layers.append(Layer(
                 input_norm=take(p + "input_layernorm.weight"),
-                qkv=torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
-                o=take(p + "self_attn.o_proj.weight"),
+                qkv=_input_major(*(take(p + f"self_attn.{n}_proj.weight") for n in "qkv")),
+                o=_input_major(take(p + "self_attn.o_proj.weight")),
                 post_norm=take(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                down=take(p + "mlp.down_proj.weight")))
+                gate_up=_input_major(take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")),
+                down=_input_major(take(p + "mlp.down_proj.weight"))))
         self.norm = take("model.norm.weight")
         head = state.pop("lm_head.weight", None)
-        self.lm_head = self.embed if config.get("tie_word_embeddings") or head is None else head.float().contiguous()
+        tied = config.get("tie_word_embeddings") or head is None
+        # The head is stored [hidden, vocab] like the other products; a tied model keeps only that
+        # copy and looks its embeddings up as columns (a few per step: cheap).
+        self.head_t = _input_major(embed if tied else head.float())
+        self.embed_t = self.head_t if tied else embed.t()
         state.pop("model.rotary_emb.inv_freq", None)  # older checkpoints store it; recomputed above
         if state:
             raise LeanModelError(f"unexpected weights in the base model: {sorted(state)[:5]}")
@@ -187,9 +195,9 @@ class LeanLlama:
     @property
     def weight_bytes(self) -> int:
         """Bytes read per decoded token: every weight once (a tied head counted once)."""
-        tensors = {id(t): t for t in (self.embed, self.lm_head, self.norm)}
+        tensors = {t.data_ptr(): t for t in (self.embed_t, self.head_t, self.norm)}
         for layer in self.layers:
-            tensors.update((id(t), t) for t in vars(layer).values())
+            tensors.update((t.data_ptr(), t) for t in vars(layer).values())
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def new_cache(self, capacity: int) -> KVCache:
@@ -217,14 +225,14 @@ class LeanLlama:
         angles = torch.arange(start, start + count, dtype=torch.float32)[:, None] * self.inv_freq  # [T, D/2]
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos(), angles.sin()
-        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        x = self.embed[torch.tensor(ids)]  # [T, hidden]
+        q_dim = self.heads * self.head_dim
+        x = self.embed_t[:, torch.tensor(ids)].t().contiguous()  # [T, hidden]
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, self.eps)
-            q, k, v = _linear(h, layer.qkv).split((q_dim, kv_dim, kv_dim), dim=-1)
-            q = _rotate(q.view(count, self.heads, self.head_dim).transpose(0, 1), cos, sin)
-            k = _rotate(k.view(count, self.kv_heads, self.head_dim).transpose(0, 1), cos, sin)
-            keys, values = cache.extend(index, k, v.view(count, self.kv_heads, self.head_dim).transpose(0, 1))
+            qkv = _linear(h, layer.qkv).view(count, self.heads + 2 * self.kv_heads, self.head_dim).transpose(0, 1)
+            qk = _rotate(qkv[:self.heads + self.kv_heads], cos, sin)  # q and k heads in one go
+            q, k, v = qk[:self.heads], qk[self.heads:], qkv[self.heads + self.kv_heads:]
+            keys, values = cache.extend(index, k, v)
             attended = F.scaled_dot_product_attention(q[None], keys[None], values[None], is_causal=count > 1,
                                                       enable_gqa=self.kv_heads != self.heads)
             x = x + _linear(attended[0].transpose(0, 1).reshape(count, q_dim), layer.o)
@@ -232,8 +240,8 @@ class LeanLlama:
             gate, up = _linear(h, layer.gate_up).chunk(2, dim=-1)
             x = x + _linear(F.silu(gate) * up, layer.down)
         cache.length += count
-        last = _rms_norm(x[-1:], self.norm, self.eps)
-        return _linear(last, self.lm_head)[0]
+        last = _rms_norm(x[-1], self.norm, self.eps)
+        return _linear(last[None], self.head_t)[0]
 
 
 def load_safetensors(base_dir: Path) -> dict[str, torch.Tensor]:

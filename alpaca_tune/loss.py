@@ -16,13 +16,20 @@ from .tokenization import IGNORE_INDEX
 
 
 def decoder_inputs(causal_lm, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keyword arguments for the decoder: a 2D padding mask, or a block-diagonal mask when packed."""
+    """Keyword arguments for the decoder: a block-diagonal mask when packed, no mask when padded.
+
+    Padded rows are padded on the right, so under a causal mask every real token already sees only
+    real tokens (padding comes after the row's last one); a padding mask would change nothing that
+    is learned from, but it makes SDPA leave its causal kernel for a masked one that computes the
+    whole score matrix (BENCHMARKS.md, training). Outputs at padding positions are garbage and are
+    never used: their targets are IGNORE_INDEX.
+    """
     if "segment_ids" in batch:
         mask = packed_attention_mask(batch["segment_ids"], causal_lm.config._attn_implementation,
                                      causal_lm.dtype)
         return {"input_ids": batch["input_ids"], "attention_mask": mask,
                 "position_ids": batch["position_ids"]}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"input_ids": batch["input_ids"]}
 
 
 def label_loss(causal_lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -61,6 +61,20 @@ def test_packed_logits_equal_unpacked(tiny_model):
             offset += len(example)
 
 
+def test_padded_logits_at_real_positions_equal_each_example_alone(tiny_model):
+    """Right padding needs no padding mask under causal attention (decoder_inputs passes none)."""
+    from alpaca_tune.loss import decoder_inputs
+
+    examples = _examples([9, 23, 4, 17], seed=3)
+    batch = collate_padded(examples, pad_id=0)
+    assert set(decoder_inputs(tiny_model, batch)) == {"input_ids"}
+    with torch.no_grad():
+        padded_logits = tiny_model(**decoder_inputs(tiny_model, batch)).logits  # [B, T, V]
+        for row, example in enumerate(examples):
+            alone = tiny_model(input_ids=torch.tensor([example.input_ids])).logits[0]
+            torch.testing.assert_close(padded_logits[row, :len(example)], alone, atol=1e-5, rtol=1e-4)
+
+
 def test_packing_without_the_block_mask_would_leak(tiny_model):
     """Negative control: position_ids alone do not isolate examples under SDPA in transformers 5."""
     examples = _examples([9, 23])
