@@ -18,7 +18,7 @@ from .base_model import resolve_base_dir
 from .generation import parse_stop_sequences, stream_text
 from .lean_llama import LeanLlama, read_config, unsupported_reason
 from .lora_merge import read_adapter_config, unmergeable_reason
-from .model import load_adapter, load_base, merge_adapter, pick_device
+from .model import load_adapter, load_base, load_tokenizer, merge_adapter, pick_device
 from .prompts import PromptTemplate, load_template, template_from_json
 from .sampling import SamplingParams
 from .serving_tokenizer import ServingTokenizer
@@ -79,7 +79,9 @@ class InstructModel:
     @staticmethod
     def _tokenizer_and_template(base_dir: Path, adapter_dir: Path | None):
         recorded = read_training_config(adapter_dir).get("prompt_template") if adapter_dir else None
-        return ServingTokenizer(base_dir), template_from_json(recorded) if recorded else None
+        # older HF conversions ship only SentencePiece's tokenizer.model: transformers reads those
+        tokenizer = ServingTokenizer(base_dir) if (base_dir / "tokenizer.json").exists() else load_tokenizer(base_dir)
+        return tokenizer, template_from_json(recorded) if recorded else None
 
     def template_for(self, name: str) -> PromptTemplate:
         if name == "auto":

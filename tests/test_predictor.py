@@ -158,3 +158,25 @@ def test_lean_cpu_path_answers_as_transformers_does(trained, tiny_model_dir):
                      GenerateSettings(prompt="Name a colour.", temperature=0.9, top_k=20, top_p=0.8,
                                       repetition_penalty=1.2, seed=5, max_new_tokens=20)):
         assert "".join(lean.stream(settings)) == "".join(peft.stream(settings))
+
+
+def test_a_base_without_tokenizer_json_is_served_with_transformers_tokenizer(tiny_model_dir, tiny_tokenizer_dir,
+                                                                             tmp_path):
+    """Older conversions ship only SentencePiece's tokenizer.model: transformers reads it instead."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from alpaca_tune.serving import InstructModel
+    from alpaca_tune.serving_tokenizer import ServingTokenizer
+    from alpaca_tune.settings import GenerateSettings
+
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    (tmp_path / "base" / "tokenizer.json").unlink()
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.model", tmp_path / "base")
+    served = InstructModel.load(None, base_model=str(tmp_path / "base"))
+    assert not isinstance(served.tokenizer, ServingTokenizer)
+    settings = GenerateSettings(prompt="Tell me about alpacas.", temperature=0.0, max_new_tokens=12)
+    prompt = served.template_for("auto").render(settings.prompt, settings.input)
+    assert served.prompt_ids(settings) == AutoTokenizer.from_pretrained(str(tmp_path / "base"))(prompt)["input_ids"]
+    assert "".join(served.stream(settings))
