@@ -22,7 +22,7 @@ from .model import load_adapter, load_base, load_tokenizer, merge_adapter, pick_
 from .prompts import PromptTemplate, load_template, template_from_json
 from .sampling import SamplingParams
 from .serving_tokenizer import ServingTokenizer
-from .settings import GenerateSettings, validate
+from .settings import GenerateSettings, SettingsError, validate
 from .tokenization import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,24 @@ class InstructModel:
         template = self.template_for(settings.prompt_template)
         return encode_prompt(self.tokenizer, template.render(settings.prompt, settings.input))
 
+    @property
+    def context_length(self) -> int:
+        if isinstance(self.model, LeanLlama):
+            return self.model.max_positions
+        return self.model.config.max_position_embeddings
+
     def stream(self, settings: GenerateSettings) -> Iterator[str]:
+        """Chunks of the answer; a prompt too long for the model is refused before anything runs."""
         validate(settings)
-        params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+        prompt_ids = self.prompt_ids(settings)
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            raise SettingsError(f"prompt (with input and template) is {len(prompt_ids)} tokens; the model reads at "
+                                f"most {self.context_length}: shorten it")
+        # the answer ends where the model's context does, as transformers' generate would end it
+        params = SamplingParams(max_new_tokens=min(settings.max_new_tokens, room), temperature=settings.temperature,
                                 top_p=settings.top_p, top_k=settings.top_k,
                                 repetition_penalty=settings.repetition_penalty,
                                 seed=None if settings.seed < 0 else settings.seed)
-        return stream_text(self.model, self.tokenizer, self.prompt_ids(settings), params,
+        return stream_text(self.model, self.tokenizer, prompt_ids, params,
                            parse_stop_sequences(settings.stop_sequences))

@@ -180,3 +180,21 @@ def test_a_base_without_tokenizer_json_is_served_with_transformers_tokenizer(tin
     prompt = served.template_for("auto").render(settings.prompt, settings.input)
     assert served.prompt_ids(settings) == AutoTokenizer.from_pretrained(str(tmp_path / "base"))(prompt)["input_ids"]
     assert "".join(served.stream(settings))
+
+
+def test_prompts_longer_than_the_context_are_refused_and_answers_end_with_it(tiny_model_dir):
+    """The tiny model reads 512 positions: a longer prompt is refused by name; an answer that would
+    run past the context ends with it (LeanLlama's cache would refuse position 513)."""
+    from alpaca_tune.errors import UserError
+    from alpaca_tune.serving import InstructModel
+    from alpaca_tune.settings import GenerateSettings
+
+    for merge in (True, False):  # the lean CPU path and transformers
+        served = InstructModel.load(None, base_model=str(tiny_model_dir), merge=merge)
+        assert served.context_length == 512
+        with pytest.raises(UserError, match=r"prompt \(with input and template\) is \d+ tokens; .* at most 512"):
+            served.stream(GenerateSettings(prompt="alpaca " * 200))
+        near_the_end = GenerateSettings(prompt="alpaca " * 120, temperature=0.0, max_new_tokens=400,
+                                        prompt_template="none")
+        assert 400 < len(served.prompt_ids(near_the_end)) < 512
+        assert "".join(served.stream(near_the_end))
