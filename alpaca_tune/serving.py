@@ -21,7 +21,7 @@ from .lora_merge import read_adapter_config, unmergeable_reason
 from .model import load_adapter, load_base, load_tokenizer, merge_adapter, pick_device
 from .prompts import PromptTemplate, load_template, template_from_json
 from .sampling import SamplingParams
-from .serving_tokenizer import ServingTokenizer
+from .serving_tokenizer import ServingTokenizer, can_serve
 from .settings import GenerateSettings, SettingsError, validate
 from .tokenization import encode_prompt
 
@@ -79,8 +79,9 @@ class InstructModel:
     @staticmethod
     def _tokenizer_and_template(base_dir: Path, adapter_dir: Path | None):
         recorded = read_training_config(adapter_dir).get("prompt_template") if adapter_dir else None
-        # older HF conversions ship only SentencePiece's tokenizer.model: transformers reads those
-        tokenizer = ServingTokenizer(base_dir) if (base_dir / "tokenizer.json").exists() else load_tokenizer(base_dir)
+        # older HF conversions ship only SentencePiece's tokenizer.model, some ask for transformers'
+        # clean-up of spaces when decoding: transformers handles those
+        tokenizer = ServingTokenizer(base_dir) if can_serve(base_dir) else load_tokenizer(base_dir)
         return tokenizer, template_from_json(recorded) if recorded else None
 
     def template_for(self, name: str) -> PromptTemplate:

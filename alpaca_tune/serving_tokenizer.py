@@ -14,6 +14,16 @@ from pathlib import Path
 from .errors import UserError
 
 
+def can_serve(base_dir: Path) -> bool:
+    """tokenizer.json is there and no transformers-only decoding rule is switched on."""
+    config_path = Path(base_dir) / "tokenizer_config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # let transformers report what is wrong with it
+    return (Path(base_dir) / "tokenizer.json").exists() and not config.get("clean_up_tokenization_spaces")
+
+
 class ServingTokenizer:
     def __init__(self, base_dir: Path):
         from tokenizers import Tokenizer
@@ -21,7 +31,8 @@ class ServingTokenizer:
         path = Path(base_dir) / "tokenizer.json"
         try:
             self._tokenizer = Tokenizer.from_file(str(path))
-            config = json.loads((Path(base_dir) / "tokenizer_config.json").read_text())
+            config_path = Path(base_dir) / "tokenizer_config.json"
+            config = json.loads(config_path.read_text()) if config_path.exists() else {}
         except Exception as err:  # tokenizers raises its own Exception subclass for a bad file
             raise UserError(f"{path}: cannot load the tokenizer: {err}") from None
         eos = config.get("eos_token")

@@ -182,6 +182,19 @@ def test_a_base_without_tokenizer_json_is_served_with_transformers_tokenizer(tin
     assert "".join(served.stream(settings))
 
 
+def test_decoding_clean_up_is_left_to_transformers(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from alpaca_tune.serving_tokenizer import can_serve
+
+    shutil.copytree(tiny_model_dir, tmp_path / "base")
+    assert can_serve(tmp_path / "base")
+    config_path = tmp_path / "base" / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "clean_up_tokenization_spaces": True}))
+    assert not can_serve(tmp_path / "base")
+
+
 def test_prompts_longer_than_the_context_are_refused_and_answers_end_with_it(tiny_model_dir):
     """The tiny model reads 512 positions: a longer prompt is refused by name; an answer that would
     run past the context ends with it (LeanLlama's cache would refuse position 513)."""
