@@ -34,8 +34,8 @@ class LeanModelError(UserError):
     pass
 
 
-def read_config(base_dir: Path) -> dict:
-    path = Path(base_dir) / "config.json"
+def read_config(base_dir: Path, name: str = "config.json") -> dict:
+    path = Path(base_dir) / name
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -188,8 +188,8 @@ class LeanLlama:
             for name, tensor in state.items():  # merge in fp32, the dtype served
                 state[name] = tensor.float()
             merge_lora(state, adapter_dir)
-        generation_path = Path(base_dir) / "generation_config.json"
-        generation_config = json.loads(generation_path.read_text()) if generation_path.exists() else None
+        has_generation_config = (Path(base_dir) / "generation_config.json").exists()
+        generation_config = read_config(base_dir, "generation_config.json") if has_generation_config else None
         return cls(config, state, generation_config)
 
     @property
