@@ -1,12 +1,13 @@
-"""Time from starting the Cog server (coglet) to READY: the embedded base model plus an adapter.
+"""Time from starting the Cog server (coglet) to READY and to the first streamed token.
 
     python scripts/bench_startup.py                       # trains a 1-step adapter once, 5 runs
     python scripts/bench_startup.py --weights outputs/run/adapter.tar.gz --runs 10
 
 Each run starts `python -m cog.server.http` as `make serve` does (tests/cog_server.py), polls
 /health-check every 10 ms and stops the server. Reported: wall time from process start to the
-first READY answer, and the phases from coglet's own log timestamps: worker spawn, importing
-predict.py (torch, transformers, the library), Predictor.setup (base model + adapter + merge).
+first READY answer, then to the first token of a streamed prediction (SSE, "Tell me about
+alpacas.") posted at READY, and the phases from coglet's own log timestamps: worker spawn,
+importing predict.py (torch, cog, the library), Predictor.setup (base model + adapter + merge).
 The machine's load average is printed too: on a shared 2-core machine it moves the numbers.
 """
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from cog_server import CogServer  # noqa: E402
 
 DEFAULT_ADAPTER_DIR = ROOT / "outputs" / "bench-startup"
+FIRST_PREDICTION = {"prompt": "Tell me about alpacas.", "max_new_tokens": 8, "temperature": 0}
 
 
 def embedded_base() -> Path:
@@ -74,10 +76,17 @@ def measure(base: Path, weights: Path) -> dict[str, float]:
         ready = time.monotonic() - server.started_at
         if health["status"] != "READY":
             raise SystemExit(f"setup failed:\n{health['setup']['logs'][-2000:]}")
+        first_token = None
+        for event, _, at in server.events("/predictions", {"input": FIRST_PREDICTION}):
+            if event == "output":
+                first_token = at - server.started_at
+                break
         marks = _log_times(server.log())
     finally:
         server.stop()
     result = {"ready": ready}
+    if first_token is not None:
+        result["first_token"] = first_token
     if {"import", "setup", "setup_done"} <= set(marks):
         result["spawn"] = marks["import"] - start_wall
         result["import"] = marks["setup"] - marks["import"]
@@ -86,7 +95,7 @@ def measure(base: Path, weights: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Time from server start to READY (base + adapter).")
+    parser = argparse.ArgumentParser(description="Time from server start to READY and first token.")
     parser.add_argument("--weights", type=Path, help="adapter archive (default: train a 1-step one once)")
     parser.add_argument("--base", type=Path, help="base model directory (default: the embedded SmolLM2)")
     parser.add_argument("--runs", type=int, default=5)
@@ -99,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = [measure(base, weights) for _ in range(args.runs)]
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'phase':<34}{'median':>8}{'min':>8}{'max':>8}")
-    labels = {"ready": "start -> READY (seen by a client)", "spawn": "  start -> worker imports predict.py",
+    labels = {"ready": "start -> READY (seen by a client)", "first_token": "start -> first streamed token",
+              "spawn": "  start -> worker imports predict.py",
               "import": "  import predict.py", "setup": "  Predictor.setup (base + adapter)"}
     for key, label in labels.items():
         values = [run[key] for run in runs if key in run]
