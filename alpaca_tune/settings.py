@@ -41,7 +41,8 @@ class TrainSettings:
     learning_rate: float = option(3e-4, "Peak learning rate of AdamW.", ge=1e-7, le=1.0)
     lr_scheduler: str = option("linear", "Learning-rate schedule after warmup.",
                                choices=["linear", "cosine", "constant"])
-    warmup_steps: int = option(10, "Steps of linear learning-rate warmup from 0.", ge=0, le=100_000)
+    warmup_steps: int = option(10, "Steps of linear learning-rate warmup from 0 (at most the run's steps minus one).",
+                               ge=0, le=100_000)
     weight_decay: float = option(0.0, "AdamW weight decay.", ge=0.0, le=1.0)
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables clipping).", ge=0.0, le=1000.0)
     train_batch_size: int = option(4, "Micro-batch: examples per forward/backward pass.", ge=1, le=1024)

@@ -91,8 +91,10 @@ def make_optimizer(peft_model, settings: TrainSettings, total_steps: int):
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    # Warmup starts at lr 0; a run that is all warmup would end before reaching the set rate (a
+    # 1-step run would not learn at all), so warmup stops one step before the end at the latest.
     scheduler = get_scheduler(settings.lr_scheduler, optimizer,
-                              num_warmup_steps=min(settings.warmup_steps, total_steps),
+                              num_warmup_steps=min(settings.warmup_steps, total_steps - 1),
                               num_training_steps=total_steps)
     return optimizer, scheduler
 

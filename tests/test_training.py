@@ -145,3 +145,12 @@ def test_quantization_without_bitsandbytes_says_how_to_get_it(monkeypatch):
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     with pytest.raises(ModelError, match="needs bitsandbytes: pip install bitsandbytes=="):
         model._quantization_config("8bit", torch.bfloat16, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_a_run_shorter_than_its_warmup_still_reaches_the_set_rate(settings, steps):
+    """Warmup from lr 0 stops one step before the end at the latest: a 1-step run learns too."""
+    result = run_training(dataclasses.replace(settings, max_steps=steps, warmup_steps=10, val_set_size=0))
+    rates = [h["lr"] for h in result.metrics["history"]]
+    assert len(rates) == steps and rates[-1] == pytest.approx(settings.learning_rate)
+    assert all(rate > 0 for rate in rates[1:])
