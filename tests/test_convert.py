@@ -76,6 +76,21 @@ def assert_matches_reference(out_dir: Path, shards, params: dict, version: str) 
     assert got[0, len(prompt):].tolist() == expected
 
 
+def assert_lean_serving_matches_reference(out_dir: Path, shards, params: dict, version: str) -> None:
+    """The CPU serving path (LeanLlama) on the converted model, prompt then token by token through its
+    KV cache, against Meta's reference forward."""
+    from alpaca_tune.lean_llama import LeanLlama
+
+    lean = LeanLlama.load(out_dir)
+    tokens = torch.randint(0, lean.head_t.shape[1], (1, 12), generator=torch.Generator().manual_seed(1))
+    expected = ref.forward([{k: v.float() for k, v in s.items()} for s in shards], ref_config(params, version), tokens)[0]
+    ids = tokens[0].tolist()
+    cache = lean.new_cache(len(ids))
+    got = torch.stack([lean.forward(ids[:6], cache)] + [lean.forward([token], cache) for token in ids[6:]])
+    error = (got - expected[5:]).abs().max().item()
+    assert error <= TOLERANCE, f"LeanLlama: max |logit difference| {error:.2e}"
+
+
 def run(model_dir: Path, out: Path, **kwargs):
     messages = []
     result = convert_checkpoint(model_dir.parent, out, progress=False, log=messages.append, **kwargs)
@@ -98,6 +113,7 @@ def test_logits_and_greedy_match_meta_reference(tmp_path, sp_model, version, n_s
     result, log = run(model_dir, tmp_path / "out", llama_version=version)
     assert result.version == version
     assert_matches_reference(tmp_path / "out", shards, params, version)
+    assert_lean_serving_matches_reference(tmp_path / "out", shards, params, version)
 
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["max_position_embeddings"] == {"1": 2048, "2": 4096, "3": 8192, "3.1": 131072}[version]
@@ -121,6 +137,7 @@ def test_llama32_without_output_is_tied(tmp_path, sp_model):
     result, log = run(model_dir, tmp_path / "out")  # no output.weight + scaled rope: 3.2, detected
     assert result.version == "3.2" and "tied embeddings" in log
     assert_matches_reference(tmp_path / "out", shards, params, "3.2")
+    assert_lean_serving_matches_reference(tmp_path / "out", shards, params, "3.2")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["tie_word_embeddings"] is True
     assert config["rope_parameters"]["factor"] == 8.0
