@@ -3,7 +3,7 @@
 This is what Predictor.setup builds once and predict() calls per request. The adapter is merged
 into the base weights after loading: same outputs (tested), no per-token LoRA cost. On CPU a
 Llama is served by lean_llama.py, which needs neither transformers nor PEFT (seconds faster to
-start, ~1.5x faster to decode); anything else goes through transformers.
+start, about twice as fast to decode); anything else goes through transformers.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def lean_unsupported_reason(base_dir: Path, adapter_dir: Path | None, merge: boo
     """Why the model is not served by LeanLlama (None: it is)."""
     if pick_device().type != "cpu":
         return "a GPU is available"
-    if not merge:
+    if not merge and adapter_dir is not None:
         return "the adapter is kept unmerged"
     reason = unsupported_reason(read_config(base_dir))
     if reason is None and adapter_dir is not None:
