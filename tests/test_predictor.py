@@ -195,16 +195,17 @@ def test_decoding_clean_up_is_left_to_transformers(tiny_model_dir, tmp_path):
     assert not can_serve(tmp_path / "base")
 
 
-def test_prompts_longer_than_the_context_are_refused_and_answers_end_with_it(tiny_model_dir):
+def test_prompts_longer_than_the_context_are_refused_and_answers_end_with_it(trained, tiny_model_dir):
     """The tiny model reads 512 positions: a longer prompt is refused by name; an answer that would
     run past the context ends with it (LeanLlama's cache would refuse position 513)."""
     from alpaca_tune.errors import UserError
+    from alpaca_tune.lean_llama import LeanLlama
     from alpaca_tune.serving import InstructModel
     from alpaca_tune.settings import GenerateSettings
 
-    for merge in (True, False):  # the lean CPU path and transformers
-        served = InstructModel.load(None, base_model=str(tiny_model_dir), merge=merge)
-        assert served.context_length == 512
+    for merge in (True, False):  # the lean CPU path, and transformers + PEFT for an unmerged adapter
+        served = InstructModel.load(str(trained.archive), base_model=str(tiny_model_dir), merge=merge)
+        assert isinstance(served.model, LeanLlama) == merge and served.context_length == 512
         with pytest.raises(UserError, match=r"prompt \(with input and template\) is \d+ tokens; .* at most 512"):
             served.stream(GenerateSettings(prompt="alpaca " * 200))
         near_the_end = GenerateSettings(prompt="alpaca " * 120, temperature=0.0, max_new_tokens=400,
