@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alpaca_tune.generation import SamplingParams, generate_token_ids  # noqa: E402
+from alpaca_tune.generation import generate_token_ids  # noqa: E402
+from alpaca_tune.sampling import SamplingParams  # noqa: E402
 from alpaca_tune.model import load_base  # noqa: E402
 from alpaca_tune.serving import InstructModel  # noqa: E402
 from alpaca_tune.prompts import load_template  # noqa: E402

@@ -103,7 +103,8 @@ def train_step_figures(model, seq: int, batch: int, steps: int, device, peak_tfl
 
 
 def decode_figures(model, new_tokens: int, device) -> dict:
-    from alpaca_tune.generation import SamplingParams, generate_token_ids
+    from alpaca_tune.generation import generate_token_ids
+    from alpaca_tune.sampling import SamplingParams
 
     model.config.use_cache = True
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

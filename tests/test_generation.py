@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from alpaca_tune.generation import SamplingParams, _held_back, generate_token_ids, parse_stop_sequences, stream_text
+from alpaca_tune.generation import _held_back, generate_token_ids, parse_stop_sequences, stream_text
+from alpaca_tune.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
