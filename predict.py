@@ -14,7 +14,7 @@ from cog import BasePredictor, ConcatenateIterator, streaming
 from alpaca_tune.cli import run_or_exit, setup_logging
 from alpaca_tune.serving import InstructModel
 from alpaca_tune.settings import GenerateSettings, build_parser, validate
-from cog_inputs import cog_input
+from cog_inputs import cog_input, filled_in
 
 G = GenerateSettings
 
@@ -43,7 +43,7 @@ class Predictor(BasePredictor):
         seed: int = cog_input(G, "seed"),
         prompt_template: str = cog_input(G, "prompt_template"),
     ) -> ConcatenateIterator[str]:
-        inputs = dict(locals())
+        inputs = filled_in(locals())
         del inputs["self"]
         yield from self.model.stream(GenerateSettings(**inputs))
 

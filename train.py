@@ -6,6 +6,7 @@
 Thin on purpose: Cog Inputs / command-line flags -> TrainSettings -> alpaca_tune.training.
 """
 
+import shutil
 import sys
 import tempfile
 
@@ -14,7 +15,7 @@ from cog import BaseModel, Input, Path  # noqa: F401  (Input: used through cog_i
 from alpaca_tune.cli import run_or_exit, setup_logging
 from alpaca_tune.settings import TrainSettings, parse_args
 from alpaca_tune.training import run_training
-from cog_inputs import cog_input
+from cog_inputs import cog_input, filled_in
 
 T = TrainSettings
 
@@ -52,11 +53,15 @@ def train(
     save_steps: int = cog_input(T, "save_steps"),
     seed: int = cog_input(T, "seed"),
 ) -> TrainingOutput:
-    inputs = dict(locals())
+    inputs = filled_in(locals())
     inputs["train_data"] = str(inputs["train_data"])
     setup_logging()
-    settings = TrainSettings(**inputs, output_dir=tempfile.mkdtemp(prefix="train-"))
-    result = run_training(settings)
+    output_dir = tempfile.mkdtemp(prefix="train-")  # Cog uploads the archive from here when we return
+    try:
+        result = run_training(TrainSettings(**inputs, output_dir=output_dir))
+    except BaseException:
+        shutil.rmtree(output_dir, ignore_errors=True)  # a failed run leaves nothing behind
+        raise
     return TrainingOutput(weights=Path(result.archive))
 
 
