@@ -85,9 +85,15 @@ def load_tokenizer(base_dir: Path):
 def load_base(base_model: str | Path = "", quantization: str = "none", device: torch.device | None = None,
               dtype: torch.dtype | None = None):
     """(model, tokenizer) for the base: an explicit directory, weights/, or the embedded default."""
+    base_dir = resolve_base_dir(base_model)
+    return load_model(base_dir, quantization, device, dtype), load_tokenizer(base_dir)
+
+
+def load_model(base_dir: Path, quantization: str = "none", device: torch.device | None = None,
+               dtype: torch.dtype | None = None):
+    """The base model in `base_dir` (a resolved directory), on `device` in `dtype`, maybe 8/4-bit."""
     from transformers import AutoModelForCausalLM
 
-    base_dir = resolve_base_dir(base_model)
     device = device or pick_device()
     dtype = dtype or pick_dtype(device)
     quant_config = _quantization_config(quantization, dtype, device)
@@ -102,7 +108,7 @@ def load_base(base_model: str | Path = "", quantization: str = "none", device: t
     if quant_config is None:
         model.to(device)
     model.config.use_cache = False  # training default; generation passes its own cache
-    return model, load_tokenizer(base_dir)
+    return model
 
 
 def parse_target_modules(text: str) -> list[str] | str:

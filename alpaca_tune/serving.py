@@ -18,7 +18,7 @@ from .base_model import resolve_base_dir
 from .generation import parse_stop_sequences, stream_text
 from .lean_llama import LeanLlama, read_config, unsupported_reason
 from .lora_merge import read_adapter_config, unmergeable_reason
-from .model import load_adapter, load_base, load_tokenizer, merge_adapter, pick_device
+from .model import load_adapter, load_model, load_tokenizer, merge_adapter, pick_device
 from .prompts import PromptTemplate, load_template, template_from_json
 from .sampling import SamplingParams
 from .serving_tokenizer import ServingTokenizer, can_serve
@@ -68,7 +68,7 @@ class InstructModel:
             log.info("loading %s for CPU serving (lean Llama path)", base_dir)
             return LeanLlama.load(base_dir, adapter_dir)
         log.info("serving through transformers: %s", reason)
-        model, _ = load_base(base_dir)
+        model = load_model(base_dir)
         model.config.use_cache = True
         if adapter_dir is not None:
             model = load_adapter(model, adapter_dir)

@@ -23,7 +23,8 @@ from .batching import make_batch, micro_batches
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .data import DataError, load_records, split_records
 from .loss import label_loss
-from .model import attach_lora, load_base, pick_device, training_dtype
+from .base_model import resolve_base_dir
+from .model import attach_lora, load_model, load_tokenizer, pick_device, training_dtype
 from .progress import ProgressLog, plot_loss
 from .prompts import load_template
 from .settings import TrainSettings, validate
@@ -144,15 +145,18 @@ def optimizer_step(model, causal_lm, batches: list[dict[str, torch.Tensor]], opt
 def run_training(settings: TrainSettings) -> TrainResult:
     validate(settings)
     template = load_template(settings.prompt_template)
-    records = load_records(settings.train_data)  # bad data fails before the model is loaded
+    records = load_records(settings.train_data)
     started = time.perf_counter()
+    # Everything that can reject the data (its records, the split, cutoff_len) runs on the
+    # tokenizer alone, before the model is loaded or anything is written.
+    base_dir = resolve_base_dir(settings.base_model)
+    tokenizer = load_tokenizer(base_dir)
+    train_examples, val_examples, data_stats = prepare_examples(records, settings, tokenizer, template)
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     device = pick_device()
-    base, tokenizer = load_base(settings.base_model, settings.quantization, device,
-                                training_dtype(settings.precision, device))
-    train_examples, val_examples, data_stats = prepare_examples(records, settings, tokenizer, template)
+    base = load_model(base_dir, settings.quantization, device, training_dtype(settings.precision, device))
     model = attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
                         settings.lora_target_modules, settings.seed,
                         quantized=settings.quantization != "none",

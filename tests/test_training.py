@@ -84,15 +84,23 @@ def test_resume_matches_an_uninterrupted_run(settings, tmp_path):
                               full.metrics["history"][4]["loss"] * torch.ones(1), rtol=1e-6)
 
 
-def test_bad_data_fails_before_the_model_loads(settings, tmp_path, monkeypatch):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+@pytest.mark.parametrize("content, change, message", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', {}, "line 2: missing field 'output'"),
+    ('[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]', {"val_set_size": 2},
+     "val_set_size=2: holds out 2 of 2 records"),
+    ('[{"instruction": "' + "a " * 40 + '", "output": "b"}]', {"cutoff_len": 8, "val_set_size": 0},
+     "no example has a response token within cutoff_len=8"),
+])
+def test_bad_data_fails_before_the_model_loads(settings, tmp_path, monkeypatch, content, change, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
     import alpaca_tune.training as training
 
-    monkeypatch.setattr(training, "load_base", lambda *a, **k: pytest.fail("model loaded for bad data"))
-    with pytest.raises(DataError, match="line 2: missing field 'output'"):
-        run_training(dataclasses.replace(settings, train_data=str(bad)))
-    assert not (tmp_path / "out" / "adapter.tar.gz").exists()
+    monkeypatch.setattr(training, "load_model", lambda *a, **k: pytest.fail("model loaded for bad data"))
+    out = tmp_path / "refused"
+    with pytest.raises(DataError, match=message):
+        run_training(dataclasses.replace(settings, train_data=str(bad), output_dir=str(out), **change))
+    assert not out.exists()
 
 
 def test_an_unchanged_adapter_is_refused(settings, tmp_path):
