@@ -85,7 +85,8 @@ def _parse(text: str, path: Path) -> list[tuple[object, str]]:
             raise DataError(f"{path}: expected a JSON array of records or JSON Lines, "
                             f"got a JSON {type(whole).__name__}")
         # a single object: a one-line JSONL file is fine, an object wrapping records is not
-        if any(isinstance(v, list) for v in whole.values()):
+        looks_like_a_record = bool(whole.keys() & {"instruction", "output", "prompt", "completion"})
+        if not looks_like_a_record and any(isinstance(v, list) for v in whole.values()):
             raise DataError(f"{path}: the top level is a JSON object; expected a JSON array of "
                             f"records (or one record per line)")
         return [(whole, "line 1")]

@@ -32,6 +32,7 @@ BAD_FILES = [
     (b"\"just a string\"", "got a JSON str"),
     (b"42", "got a JSON int"),
     (b'{"data": [{"instruction": "a", "output": "b"}]}', "the top level is a JSON object"),
+    (b'{"instruction": "a", "input": ["x"], "output": "b"}', "line 1: field 'input' must be a string, got list"),
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', "line 2 is not valid JSON"),
     (b'[{"instruction": "a"}]', "record 0: missing field 'output'"),
     (b'[{"instruction": "a", "output": "b"}, {"instruction": 3, "output": "b"}]',
