@@ -36,7 +36,7 @@ class TrainSettings:
                                   "output} records (Alpaca format) or {prompt, completion} records.")
     num_train_epochs: float = option(3.0, "Passes over the training data (ignored when max_steps > 0).",
                                      ge=0.01, le=1000)
-    max_steps: int = option(-1, "Optimizer steps to train for; -1 trains for num_train_epochs instead.",
+    max_steps: int = option(-1, "Optimizer steps to train for; -1 (or 0) trains for num_train_epochs instead.",
                             ge=-1, le=1_000_000)
     learning_rate: float = option(3e-4, "Peak learning rate of AdamW.", ge=1e-7, le=1.0)
     lr_scheduler: str = option("linear", "Learning-rate schedule after warmup.",
