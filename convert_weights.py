@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="required when the files do not tell (LLaMA 1 vs 2 without GQA, 3.1 vs 3.2)")
     parser.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep the checkpoint's dtype)")
     parser.add_argument("--rope-scaling-factor", type=float,
-                        help="LLaMA 3.1/3.2 rope scaling factor (default: 8 for 3.1, 32 for 3.2 as Meta's configs)")
+                        help="LLaMA 3.1/3.2 rope scaling factor (default: params.json's, else 8 as in Meta's "
+                             "reference model code; 32 gives Hugging Face's published 3.2 configs)")
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB",
                         help="largest safetensors file (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace a model already in --output-dir")

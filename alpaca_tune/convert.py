@@ -16,7 +16,6 @@ converts one layer at a time and streams safetensors to a temporary folder that 
 the output once everything is written.
 """
 
-import ctypes
 import dataclasses
 import json
 import math
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import convert_tokenizer as tok
+from .allocator import release_freed_memory
 from .errors import UserError
 
 VERSIONS = ("1", "2", "3", "3.1", "3.2")
@@ -171,8 +171,8 @@ def resolve_version(requested: str | None, params: MetaParams, tokenizer_kind: s
         return "2"
     if llama3:
         raise ConversionError(
-            "params.json has use_scaled_rope: LLaMA 3.1 or 3.2, which the files do not tell apart (their rope "
-            "scaling factors differ: 8 and 32); pass --llama-version 3.1 or --llama-version 3.2"
+            "params.json has use_scaled_rope: LLaMA 3.1 or 3.2, which the files do not tell apart (3.2 small "
+            "models tie the output head to the embeddings); pass --llama-version 3.1 or --llama-version 3.2"
         )
     raise ConversionError(
         "SentencePiece tokenizer without grouped-query attention: LLaMA 1 or 2, which the files do not tell apart "
@@ -636,7 +636,11 @@ def convert_checkpoint(
         if created:
             output_dir.rmdir()
         raise ConversionError(f"{output_dir}: needs {needed / 1e9:.1f} GB free, has {free / 1e9:.1f} GB")
-    # Inside the output folder: same filesystem (cheap renames), and git-ignored with it.
+    # Inside the output folder: same filesystem (cheap renames), and git-ignored with it. A run
+    # that was killed outright (no chance to clean up) left its staging folder: remove it now.
+    for stale in output_dir.glob(".converting-*"):
+        log(f"removing {stale}, left by an interrupted conversion")
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=output_dir))
     writer = StreamingSafetensors(staging, plan, max_file_bytes)
     try:
@@ -674,16 +678,7 @@ def _write_weights(writer: StreamingSafetensors, ckpt: Checkpoint, dtype: torch.
                 writer.write(name, tensor)
                 bar.update(tensor.numel() * tensor.dtype.itemsize)
             tensor = None  # the last reference into this step's mapped files
-            _release_freed_memory()
-
-
-def _release_freed_memory() -> None:
-    """glibc keeps freed blocks of a few MB (a merged weight) in its heap, where the next step's
-    differently sized ones fragment it; trimming between steps keeps the peak at one tensor."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+            release_freed_memory()  # keeps the peak at about one layer (allocator.py)
 
 
 def _existing_model_files(output_dir: Path) -> list[Path]:

@@ -224,7 +224,7 @@ def test_streamed_shards_equal_the_pure_conversion(tmp_path, sp_model):
 # --------------------------------------------------------------------------- output folder
 
 
-def test_output_folder_readme_kept_and_existing_model_needs_force(tmp_path, sp_model):
+def test_output_folder_readme_kept_and_existing_model_needs_force_and_leftovers_go(tmp_path, sp_model):
     model_dir, _, _ = make_download(tmp_path / "in", "2", sp_model, n_shards=2)
     out = tmp_path / "weights"
     out.mkdir()
@@ -235,6 +235,8 @@ def test_output_folder_readme_kept_and_existing_model_needs_force(tmp_path, sp_m
 
     with pytest.raises(ConversionError, match="already holds a model.*--force"):
         run(model_dir, out, llama_version="2")
+    (out / ".converting-killed").mkdir()  # what a conversion killed outright leaves behind
+    (out / ".converting-killed" / "model-00001-of-00002.safetensors").write_bytes(b"partial")
     run(model_dir, out, llama_version="2", force=True)  # one file now: the old shards must go
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -394,3 +396,16 @@ def test_command_line(tmp_path, sp_model):
     assert done.returncode == 0, done.stderr
     assert "LLaMA 2 (given)" in done.stdout and "peak memory" in done.stdout
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("version,kv_heads,tokenizer_in_parent", [("1", None, True), ("3.1", 2, False)])
+def test_command_line_on_the_model_folder_itself(tmp_path, sp_model, version, kv_heads, tokenizer_in_parent):
+    """--input-dir may name the folder that holds params.json (tokenizer beside it or one level up)."""
+    model_dir, params, shards = make_download(tmp_path / "in", version, sp_model, n_shards=2, kv_heads=kv_heads)
+    assert (model_dir / "params.json").is_file()
+    assert (model_dir.parent / "tokenizer.model").is_file() == tokenizer_in_parent
+    done = subprocess.run([sys.executable, str(REPO / "convert_weights.py"), "--input-dir", str(model_dir),
+                           "--output-dir", str(tmp_path / "out"), "--llama-version", version, "--no-progress"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_matches_reference(tmp_path / "out", shards, params, version)
