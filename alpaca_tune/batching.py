@@ -79,7 +79,7 @@ def packed_attention_mask(segment_ids: torch.Tensor, attn_implementation: str,
     length = segment_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
     allowed = (same_example & causal).unsqueeze(1)  # [B, 1, T, T]
-    if attn_implementation == "sdpa":
+    if attn_implementation.startswith("sdpa"):  # "sdpa" and cpu_attention's "sdpa_fp32"
         return allowed
     blocked = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
     return blocked.masked_fill(~allowed, torch.finfo(dtype).min)

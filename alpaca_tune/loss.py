@@ -4,6 +4,13 @@ Most positions of an instruction example are prompt tokens whose labels are mask
 LM head (hidden -> vocabulary) on them is pure waste: for SmolLM2 the head alone is a
 [576 x 49152] matmul per token. So the decoder runs on every token, and the head and the
 cross-entropy only on the positions with a target.
+
+Even there, the logits are the largest tensor of the step ([targets x vocabulary] in fp32, ~80 MB
+for 400 targets), and making one is costly on CPU: a fresh allocation that size comes from the
+kernel page by page, and the fp32 copy, log-softmax and its gradient each pass over it again.
+So the head and the loss run a few rows at a time, and each chunk's gradient with respect to the
+hidden states is computed while its logits are at hand (the loss is a plain sum, so its gradient
+is known up to the one scalar that backward brings). Nothing vocabulary-sized outlives a chunk.
 """
 
 from __future__ import annotations
@@ -38,9 +45,66 @@ def label_loss(causal_lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
                                      use_cache=False).last_hidden_state  # [B, T, H]
     targets = batch["targets"]
     keep = targets != IGNORE_INDEX  # [B, T]
-    logits = causal_lm.get_output_embeddings()(hidden[keep])  # [N, V] for N kept positions only
-    loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    head = causal_lm.get_output_embeddings()
+    if _plain_head(causal_lm, head):
+        loss_sum = HeadCrossEntropy.apply(hidden[keep], head.weight, targets[keep])
+    else:  # a LoRA-wrapped, quantized or soft-capped head: let the module compute its logits
+        logits = head(hidden[keep])  # [N, V] for N kept positions only
+        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
     return loss_sum, int(keep.sum())
+
+
+def _plain_head(causal_lm, head) -> bool:
+    """True when the logits are exactly hidden @ head.weight.T (what HeadCrossEntropy computes)."""
+    return (type(head) is torch.nn.Linear and head.bias is None
+            and getattr(causal_lm.config, "final_logit_softcapping", None) is None
+            and getattr(causal_lm.config, "logit_scale", None) is None)
+
+
+# Rows per chunk: enough to keep the matmuls efficient, few enough that a chunk's fp32 logits
+# (rows x vocabulary) stay around 32 MB, which the allocator can reuse from chunk to chunk.
+CHUNK_ELEMENTS = 8 * 1024 * 1024
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(hidden[i] @ weight.T, targets[i]), computed a chunk of rows at a time.
+
+    The logits are rounded to the weight's dtype before the fp32 log-softmax, as nn.Linear
+    followed by .float() would; the gradients equal that composition's (tests/test_batching.py).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.dtypes = hidden.dtype, weight.dtype
+        # fp32, so that backward's scalar (1/targets, typically) is applied before rounding
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        for start in range(0, hidden.shape[0], rows):
+            h, t = hidden[start:start + rows], targets[start:start + rows]
+            logits = (h @ weight.t()).float()  # [rows, V]
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_hidden or want_weight:
+                d_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
+                d_logits[torch.arange(len(t), device=t.device), t] -= 1  # minus the one-hot target
+                d_logits = d_logits.to(weight.dtype)
+                if want_hidden:
+                    grad_hidden[start:start + rows] = d_logits @ weight
+                if want_weight:
+                    grad_weight += (d_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (None if grad_hidden is None else (grad_hidden * grad_total).to(hidden_dtype),
+                None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype),
+                None)
 
 
 def full_logits_loss(causal_lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -8,7 +8,9 @@ template, data) happens before the model is loaded, so bad input fails in second
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import shutil
@@ -19,11 +21,14 @@ from pathlib import Path
 import torch
 
 from . import artifacts
+from .allocator import keep_freed_memory
+from .base_model import resolve_base_dir
 from .batching import make_batch, micro_batches
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from .cpu_attention import use_fp32_attention
+from .cpu_dropout import use_cpu_dropout
 from .data import DataError, load_records, split_records
 from .loss import label_loss
-from .base_model import resolve_base_dir
 from .model import attach_lora, load_model, load_tokenizer, pick_device, training_dtype
 from .progress import ProgressLog, plot_loss
 from .prompts import load_template
@@ -69,9 +74,28 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+@contextlib.contextmanager
+def lora_in_base_dtype(model, base_dtype: torch.dtype | None, device: torch.device):
+    """Run the LoRA products in bf16 when the base is bf16, keeping the fp32 LoRA weights.
+
+    PEFT keeps LoRA weights in fp32 (right for AdamW's updates) and so casts each adapted layer's
+    input to fp32 and the product back: per micro-batch, dozens of copies of every adapted
+    layer's input and a dropout mask over fp32. Under autocast the input stays bf16 and only
+    the small LoRA matrices are cast, as in mixed-precision training on GPUs; gradients still
+    reach the fp32 weights. The base's own outputs are bf16 either way.
+    """
+    if base_dtype != torch.bfloat16:
+        yield
+        return
+    from peft.helpers import disable_input_dtype_casting
+
+    with torch.autocast(device.type, dtype=torch.bfloat16), disable_input_dtype_casting(model):
+        yield
+
+
 @torch.no_grad()
 def evaluate(causal_lm, examples: list[Example], batch_size: int, packing: bool, pad_id: int,
-             device: torch.device) -> float:
+             device: torch.device, compute=contextlib.nullcontext) -> float:
     """Mean loss per target token over the validation examples."""
     if not examples:
         return float("nan")
@@ -81,7 +105,8 @@ def evaluate(causal_lm, examples: list[Example], batch_size: int, packing: bool,
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
         batch = make_batch([examples[i] for i in order[start:start + batch_size]], packing, pad_id)
-        loss_sum, n = label_loss(causal_lm, _to(batch, device))
+        with compute():
+            loss_sum, n = label_loss(causal_lm, _to(batch, device))
         total, count = total + loss_sum.item(), count + n
     causal_lm.train(was_training)
     return total / max(count, 1)
@@ -121,13 +146,15 @@ def prepare_examples(records, settings: TrainSettings, tokenizer, template):
 
 
 def optimizer_step(model, causal_lm, batches: list[dict[str, torch.Tensor]], optimizer, scheduler,
-                   max_grad_norm: float, device: torch.device) -> tuple[float, float, int, int]:
+                   max_grad_norm: float, device: torch.device,
+                   compute=contextlib.nullcontext) -> tuple[float, float, int, int]:
     """One optimizer step over its micro-batches: (mean loss per target token, the lr used,
     real tokens, computed tokens including padding)."""
     step_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
     loss_total, tokens, slots = 0.0, 0, 0
     for batch in batches:
-        loss_sum, _ = label_loss(causal_lm, _to(batch, device))
+        with compute():  # the forward only; backward follows the forward's dtypes
+            loss_sum, _ = label_loss(causal_lm, _to(batch, device))
         # normalise by the whole step's target tokens, so accumulation equals one big batch
         (loss_sum / max(step_targets, 1)).backward()
         loss_total += loss_sum.item()
@@ -156,12 +183,21 @@ def run_training(settings: TrainSettings) -> TrainResult:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     device = pick_device()
-    base = load_model(base_dir, settings.quantization, device, training_dtype(settings.precision, device))
+    if device.type == "cpu":  # each step re-allocates the same large tensors (allocator.py)
+        keep_freed_memory()
+    base_dtype = training_dtype(settings.precision, device)
+    base = load_model(base_dir, settings.quantization, device, base_dtype)
     model = attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
                         settings.lora_target_modules, settings.seed,
                         quantized=settings.quantization != "none",
                         gradient_checkpointing=settings.gradient_checkpointing)
+    if device.type == "cpu":  # same dropout, cheaper masks (cpu_dropout.py)
+        use_cpu_dropout(model)
+    if device.type == "cpu" and base_dtype == torch.bfloat16:  # faster there (cpu_attention.py)
+        use_fp32_attention(model.get_base_model())
     causal_lm = model.get_base_model()  # LoRA layers live inside it; loss.py calls its parts
+    compute = functools.partial(lora_in_base_dtype, model,
+                                base_dtype if settings.quantization == "none" else None, device)
     initial = artifacts.snapshot_lora(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA: %s trainable parameters (r=%d, alpha=%d, targets=%s)", f"{trainable:,}",
@@ -190,13 +226,13 @@ def run_training(settings: TrainSettings) -> TrainResult:
         batches = [make_batch([train_examples[i] for i in indices], settings.packing, pad_id)
                    for indices in plan.step(step)]
         loss, lr, tokens, slots = optimizer_step(model, causal_lm, batches, optimizer, scheduler,
-                                                 settings.max_grad_norm, device)
+                                                 settings.max_grad_norm, device, compute)
         done = step + 1
         meter.step_done(done, loss, lr, tokens, history)
         history[-1]["padded_tokens"] = slots
         if val_examples and settings.eval_steps and done % settings.eval_steps == 0 and done < total_steps:
             evals.append({"step": done, "eval_loss": evaluate(causal_lm, val_examples,
-                          settings.train_batch_size, settings.packing, pad_id, device)})
+                          settings.train_batch_size, settings.packing, pad_id, device, compute)})
             log.info("step %d/%d  eval loss %.4f", done, total_steps, evals[-1]["eval_loss"])
         if settings.save_steps and done % settings.save_steps == 0 and done < total_steps:
             save_checkpoint(checkpoint_dir(output_dir, done), model, optimizer, scheduler, done,
@@ -205,7 +241,7 @@ def run_training(settings: TrainSettings) -> TrainResult:
 
     if val_examples:
         evals.append({"step": total_steps, "eval_loss": evaluate(
-            causal_lm, val_examples, settings.train_batch_size, settings.packing, pad_id, device)})
+            causal_lm, val_examples, settings.train_batch_size, settings.packing, pad_id, device, compute)})
         log.info("final eval loss %.4f", evals[-1]["eval_loss"])
     return _write_outputs(settings, output_dir, model, initial, template, causal_lm, history, evals,
                           data_stats, meter, started, start_step)

@@ -13,8 +13,10 @@ is its own.
             micro-batch to its longest example (pad_to_multiple_of=8), random order without
             length grouping, logits and loss over the full vocabulary at every position.
   ours      alpaca_tune.training with its defaults: length-grouped micro-batches (almost no
-            padding), LM head and loss only at labelled positions, bf16 base weights where the
-            hardware has native bf16 (LoRA weights and the loss in fp32).
+            padding), LM head and loss only at labelled positions and in chunks, bf16 base
+            weights and LoRA products where the hardware has native bf16 (LoRA weights and the
+            loss in fp32); on CPU also freed memory kept for reuse, cheaper dropout masks and
+            fp32 attention (README, Performance).
   ours-*    the same with one technique switched off or changed (--variants to pick), to show
             what each one is worth.
 

@@ -128,3 +128,62 @@ def test_padded_targets_never_cross_examples():
     padded = collate_padded(examples, pad_id=0)
     assert padded["targets"].tolist() == [[5, 6, IGNORE_INDEX], [7, IGNORE_INDEX, IGNORE_INDEX]]
     assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_head_cross_entropy_equals_full_logits(monkeypatch, dtype):
+    """Loss and both gradients equal F.cross_entropy over nn.Linear's logits, across chunk borders."""
+    from alpaca_tune import loss
+
+    vocab, width, rows = 50, 16, 23
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", vocab * 5)  # 5 rows per chunk: 5 chunks, the last short
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, width, generator=g).to(dtype)
+    weight = torch.randn(vocab, width, generator=g).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    results = []
+    for fn in (lambda h, w: loss.HeadCrossEntropy.apply(h, w, targets),
+               lambda h, w: F.cross_entropy((h @ w.t()).float(), targets, reduction="sum")):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        value = fn(h, w)
+        (value / 7).backward()
+        results.append((value.detach(), h.grad, w.grad))
+    (value, grad_h, grad_w), (ref_value, ref_grad_h, ref_grad_w) = results
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(value, ref_value, **tol)
+    torch.testing.assert_close(grad_h.float(), ref_grad_h.float(), **tol)
+    torch.testing.assert_close(grad_w.float(), ref_grad_w.float(), **tol)
+    assert grad_h.dtype == dtype and grad_w.dtype == dtype
+
+
+def test_chunked_head_cross_entropy_without_gradients_keeps_nothing():
+    from alpaca_tune.loss import HeadCrossEntropy
+
+    hidden, weight = torch.randn(4, 8), torch.randn(10, 8)
+    targets = torch.tensor([1, 2, 3, 9])
+    with torch.no_grad():
+        value = HeadCrossEntropy.apply(hidden, weight, targets)
+    expected = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    torch.testing.assert_close(value, expected)
+
+
+def test_label_loss_with_a_lora_wrapped_head_matches_the_full_head(tiny_model_dir):
+    """A head that is not a plain Linear (here LoRA on lm_head) takes the module's own logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    batch = collate_padded(_examples([12, 30, 7], seed=4), pad_id=0)
+    grads, values = [], []
+    for loss_fn in (label_loss, full_logits_loss):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                init_lora_weights=False))
+        loss_sum, n = loss_fn(model.get_base_model(), batch)
+        (loss_sum / n).backward()
+        values.append(loss_sum.item())
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    assert any("lm_head" in key for key in grads[0])
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+    for key in grads[0]:
+        torch.testing.assert_close(grads[0][key], grads[1][key], atol=1e-6, rtol=1e-4)

@@ -162,3 +162,38 @@ def test_a_run_shorter_than_its_warmup_still_reaches_the_set_rate(settings, step
     rates = [h["lr"] for h in result.metrics["history"]]
     assert len(rates) == steps and rates[-1] == pytest.approx(settings.learning_rate)
     assert all(rate > 0 for rate in rates[1:])
+
+
+def test_lora_in_bf16_under_autocast_matches_fp32_lora_products(tiny_model_dir):
+    """The bf16 LoRA products give the loss and LoRA gradients of PEFT's fp32 ones, to bf16
+    precision, and the LoRA weights (what AdamW updates) stay fp32."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alpaca_tune.batching import collate_padded
+    from alpaca_tune.loss import label_loss
+    from alpaca_tune.tokenization import Example
+    from alpaca_tune.training import lora_in_base_dtype
+
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(ids, [-100] * 5 + ids[5:]) for ids in
+                (torch.randint(3, 300, (n,), generator=g).tolist() for n in (20, 14))]
+    batch = collate_padded(examples, pad_id=0)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    results = []
+    for compute in (lora_in_base_dtype(model, torch.float32, torch.device("cpu")),  # a no-op
+                    lora_in_base_dtype(model, torch.bfloat16, torch.device("cpu"))):
+        model.zero_grad()
+        with compute:
+            loss_sum, n = label_loss(model.get_base_model(), batch)
+        (loss_sum / n).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results.append((loss_sum.item(), grads))
+    (fp32_loss, fp32_grads), (bf16_loss, bf16_grads) = results
+    assert bf16_loss == pytest.approx(fp32_loss, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(bf16_grads, fp32_grads, dim=0) > 0.99
+    assert not torch.equal(bf16_grads, fp32_grads)  # the products did run in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
