@@ -17,6 +17,7 @@ whole model; handing them back after each layer keeps the peak at about one laye
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import sys
 
@@ -27,6 +28,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 
 
+@functools.cache
 def _glibc():
     """glibc, or None on another platform or libc (musl), whose allocator is then left alone."""
     if not sys.platform.startswith("linux"):

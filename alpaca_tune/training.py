@@ -93,6 +93,17 @@ def lora_in_base_dtype(model, base_dtype: torch.dtype | None, device: torch.devi
         yield
 
 
+def switch_on_fast_paths(model, device: torch.device, base_dtype: torch.dtype, quantized: bool):
+    """Every speed-up this device and dtype allow, in one place; returns the context each forward
+    runs in (LoRA products in bf16 for an unquantized bf16 base, else nothing)."""
+    if device.type == "cpu":
+        keep_freed_memory()  # each step re-allocates the same large tensors (allocator.py)
+        use_cpu_dropout(model)  # same dropout, cheaper masks (cpu_dropout.py)
+        if base_dtype == torch.bfloat16:  # faster there than bf16 attention (cpu_attention.py)
+            use_fp32_attention(model.get_base_model())
+    return functools.partial(lora_in_base_dtype, model, None if quantized else base_dtype, device)
+
+
 @torch.no_grad()
 def evaluate(causal_lm, examples: list[Example], batch_size: int, packing: bool, pad_id: int,
              device: torch.device, compute=contextlib.nullcontext) -> float:
@@ -183,21 +194,14 @@ def run_training(settings: TrainSettings) -> TrainResult:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     device = pick_device()
-    if device.type == "cpu":  # each step re-allocates the same large tensors (allocator.py)
-        keep_freed_memory()
     base_dtype = training_dtype(settings.precision, device)
     base = load_model(base_dir, settings.quantization, device, base_dtype)
     model = attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
                         settings.lora_target_modules, settings.seed,
                         quantized=settings.quantization != "none",
                         gradient_checkpointing=settings.gradient_checkpointing)
-    if device.type == "cpu":  # same dropout, cheaper masks (cpu_dropout.py)
-        use_cpu_dropout(model)
-    if device.type == "cpu" and base_dtype == torch.bfloat16:  # faster there (cpu_attention.py)
-        use_fp32_attention(model.get_base_model())
+    compute = switch_on_fast_paths(model, device, base_dtype, quantized=settings.quantization != "none")
     causal_lm = model.get_base_model()  # LoRA layers live inside it; loss.py calls its parts
-    compute = functools.partial(lora_in_base_dtype, model,
-                                base_dtype if settings.quantization == "none" else None, device)
     initial = artifacts.snapshot_lora(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA: %s trainable parameters (r=%d, alpha=%d, targets=%s)", f"{trainable:,}",
