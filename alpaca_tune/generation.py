@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .cuda_graph_decode import graphs_possible, shared_feeder
 from .lean_llama import LeanLlama
 from .sampling import SamplingParams, next_token, process_scores
 
@@ -29,11 +30,13 @@ def eos_ids_of(model, tokenizer) -> set[int]:
     return ids
 
 
-def _feeder(model, capacity: int):
+def _feeder(model, capacity: int, cuda_graphs: bool, compile_step: bool = False):
     """feed(ids) -> fp32 logits [vocab] after those ids, keeping the model's KV cache between calls."""
     if isinstance(model, LeanLlama):
         cache = model.new_cache(capacity)
         return lambda ids: model.forward(ids, cache)
+    if cuda_graphs and graphs_possible(model):
+        return shared_feeder(model, capacity, compile_step)
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -46,26 +49,31 @@ def _feeder(model, capacity: int):
 
 @torch.inference_mode()
 def generate_token_ids(model, prompt_ids: list[int], params: SamplingParams,
-                       eos_ids: set[int]) -> Iterator[int]:
+                       eos_ids: set[int], cuda_graphs: bool = True, compile_step: bool = False) -> Iterator[int]:
     """Yield generated ids one at a time (EOS excluded), reusing the KV cache between steps.
 
-    `model` is a transformers causal LM or a LeanLlama (the CPU serving path).
+    `model` is a transformers causal LM or a LeanLlama (the CPU serving path). On a GPU each
+    one-token step is a CUDA graph replay (cuda_graph_decode.py) unless cuda_graphs is False;
+    compile_step also compiles that step first.
     """
     device = model.device
-    feed = _feeder(model, capacity=len(prompt_ids) + params.max_new_tokens)
+    feed = _feeder(model, len(prompt_ids) + params.max_new_tokens, cuda_graphs, compile_step)
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else torch.seed())
     sequence = torch.tensor([prompt_ids], device=device)  # [1, T]: what the repetition penalty sees
-    logits = feed(prompt_ids)
-    for step in range(params.max_new_tokens):
-        if step:
-            logits = feed([token])
-        next_id = next_token(process_scores(logits[None], sequence, params), params, generator)  # [1, 1]
-        token = int(next_id)
-        if token in eos_ids:
-            return
-        yield token
-        sequence = torch.cat([sequence, next_id], dim=1)
+    try:
+        logits = feed(prompt_ids)
+        for step in range(params.max_new_tokens):
+            if step:
+                logits = feed([token])
+            next_id = next_token(process_scores(logits[None], sequence, params), params, generator)  # [1, 1]
+            token = int(next_id)
+            if token in eos_ids:
+                return
+            yield token
+            sequence = torch.cat([sequence, next_id], dim=1)
+    finally:  # also when the caller stops reading (a cancelled request): the kept feeder is free again
+        getattr(feed, "release", lambda: None)()
 
 
 def _held_back(text: str, stops: list[str]) -> int:
