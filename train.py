@@ -47,6 +47,7 @@ def train(
     packing: bool = cog_input(T, "packing"),
     group_by_length: bool = cog_input(T, "group_by_length"),
     gradient_checkpointing: bool = cog_input(T, "gradient_checkpointing"),
+    torch_compile: bool = cog_input(T, "torch_compile"),
     quantization: str = cog_input(T, "quantization"),
     logging_steps: int = cog_input(T, "logging_steps"),
     eval_steps: int = cog_input(T, "eval_steps"),

@@ -70,6 +70,9 @@ class TrainSettings:
     group_by_length: bool = option(True, "Put examples of similar length in the same micro-batch "
                                          "(less padding; order is still shuffled per epoch).")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    torch_compile: bool = option(True, "On a GPU, compile the decoder layers with torch.compile (7B bf16 "
+                                       "LoRA steps ~1.4x faster; the first steps wait for compilation). "
+                                       "Not used on CPU or with an 8/4-bit base.")
     quantization: str = option("none", "Load the frozen base in 8-bit or 4-bit (QLoRA) with "
                                        "bitsandbytes; CUDA only.", choices=["none", "8bit", "4bit"])
     logging_steps: int = option(5, "Log step, loss, lr, tokens/s and ETA every N optimizer steps.",

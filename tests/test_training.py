@@ -197,3 +197,36 @@ def test_lora_in_bf16_under_autocast_matches_fp32_lora_products(tiny_model_dir):
     assert torch.nn.functional.cosine_similarity(bf16_grads, fp32_grads, dim=0) > 0.99
     assert not torch.equal(bf16_grads, fp32_grads)  # the products did run in bf16
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tiny_model_dir):
+    """torch_compile's compiled layers (used on GPUs; compiled here on CPU) compute what eager does."""
+    from transformers import AutoModelForCausalLM
+
+    from alpaca_tune.loss import label_loss
+    from alpaca_tune.model import attach_lora
+    from alpaca_tune.training import compile_decoder_layers
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model = attach_lora(base, rank=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj", seed=0)
+    causal_lm = model.get_base_model()
+    torch.manual_seed(0)
+    ids = torch.randint(3, base.config.vocab_size, (2, 24))
+    targets = ids.roll(-1, dims=1)
+    targets[:, :8] = -100
+    batch = {"input_ids": ids, "targets": targets}
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss_sum, count = label_loss(causal_lm, batch)
+        (loss_sum / count).backward()
+        return loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager_loss, eager_grads = loss_and_grads()
+    compile_decoder_layers(causal_lm)
+    compiled_loss, compiled_grads = loss_and_grads()
+    assert all(layer._compiled_call_impl is not None for layer in causal_lm.model.layers)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert any(g.abs().max() > 0 for g in eager_grads.values())
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6)
