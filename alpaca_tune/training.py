@@ -98,7 +98,11 @@ def switch_on_fast_paths(model, device: torch.device, base_dtype: torch.dtype, q
     """Every speed-up this device and dtype allow, in one place; returns the context each forward
     runs in (LoRA products in bf16 for an unquantized bf16 base, else nothing)."""
     if compile_layers and device.type == "cuda" and not quantized:
-        compile_decoder_layers(model.get_base_model())
+        missing = compiler_missing()
+        if missing:
+            log.warning("torch_compile: %s; training with uncompiled layers (slower)", missing)
+        else:
+            compile_decoder_layers(model.get_base_model())
     if device.type == "cpu":
         keep_freed_memory()  # each step re-allocates the same large tensors (allocator.py)
         use_cpu_dropout(model)  # same dropout, cheaper masks (cpu_dropout.py)
@@ -107,11 +111,28 @@ def switch_on_fast_paths(model, device: torch.device, base_dtype: torch.dtype, q
     return functools.partial(lora_in_base_dtype, model, None if quantized else base_dtype, device)
 
 
+def compiler_missing() -> str | None:
+    """What torch.compile on a GPU lacks here, if anything: Triton, and the C compiler Triton
+    builds its kernel launchers with."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if not any(shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name):
+        return "no C compiler found (Triton needs one; set CC or install gcc)"
+    return None
+
+
 def compile_decoder_layers(causal_lm) -> None:
     """torch.compile each decoder layer (one compiled graph serves them all: the layers differ only
     in their weights). Fuses the norms, rotary embedding, activation and LoRA's small products into
     few kernels: on an H100 these elementwise kernels took ~35% of an eager 7B step
-    (BENCHMARKS.md, GPU). Not on CPU: there the step is mostly matmuls already (cpu_*.py)."""
+    (BENCHMARKS.md, GPU). Not on CPU: there the step is mostly matmuls already (cpu_*.py).
+    A layer that fails to compile runs uncompiled (with a warning) rather than ending the run."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
     for layer in causal_lm.get_decoder().layers:
         layer.compile()
 

@@ -230,3 +230,24 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tiny_model_di
     assert any(g.abs().max() > 0 for g in eager_grads.values())
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_failing_compiler_leaves_the_layers_uncompiled_not_the_run_broken(tiny_model_dir, monkeypatch):
+    import torch._inductor.config
+    from transformers import AutoModelForCausalLM
+
+    from alpaca_tune import training
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))
+    torch._dynamo.reset()  # forget what earlier tests compiled with a working compiler
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        training.compile_decoder_layers(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, eager)
+    # and on a GPU without Triton's C compiler the trainer does not even try
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CC", raising=False)
+    assert training.compiler_missing() in ("Triton is not installed",
+                                           "no C compiler found (Triton needs one; set CC or install gcc)")
