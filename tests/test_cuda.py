@@ -19,8 +19,9 @@ from alpaca_tune.training import run_training
 from conftest import TINY_RECORDS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                                        reason="needs bitsandbytes")
+needs_bitsandbytes = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+    reason="needs a CUDA GPU and bitsandbytes")
 
 PROMPT = [1, 40, 41, 42, 43, 44]
 
