@@ -20,7 +20,9 @@ decoding against eager decoding; figures in BENCHMARKS.md (GPU).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -34,9 +36,10 @@ def graphs_possible(model) -> bool:
             and getattr(model.config, "quantization_config", None) is None)
 
 
-def shared_feeder(model, needed: int, compile_step: bool = False) -> StaticCacheFeeder:
-    """The model's feeder for at least `needed` positions, rewound to empty; a new one (not kept)
-    while the kept one is in use by another unfinished generation."""
+@contextlib.contextmanager
+def kept_feeder(model, needed: int, compile_step: bool = False) -> Iterator[StaticCacheFeeder]:
+    """The model's feeder for at least `needed` positions, empty, for one generation; a new one
+    (not kept) while the kept one is in use by another unfinished generation."""
     capacity = max(256, 1 << (needed - 1).bit_length())
     kept = model.__dict__.setdefault("_alpaca_tune_feeders", {})  # lives as long as the model
     feeder = kept.get((capacity, compile_step))
@@ -44,12 +47,15 @@ def shared_feeder(model, needed: int, compile_step: bool = False) -> StaticCache
         feeder = StaticCacheFeeder(model, capacity, compile_step=compile_step)
         kept.setdefault((capacity, compile_step), feeder)
     feeder.restart()
-    return feeder
+    feeder.in_use = True
+    try:
+        yield feeder
+    finally:  # also when the generation is abandoned (a cancelled request)
+        feeder.in_use = False
 
 
 class StaticCacheFeeder:
-    """feed(ids) -> fp32 logits [vocab] after those ids: the prompt first, then one id at a time.
-    `in_use` is set by restart() and cleared by release(), around one generation."""
+    """feed(ids) -> fp32 logits [vocab] after those ids: the prompt first, then one id at a time."""
 
     def __init__(self, model, capacity: int, use_graph: bool = True, compile_step: bool = False):
         from transformers import StaticCache
@@ -58,7 +64,7 @@ class StaticCacheFeeder:
         self.cache = StaticCache(config=model.config, max_cache_len=capacity)
         self.capacity = capacity
         self.length = 0  # positions filled
-        self.in_use = False
+        self.in_use = False  # by a generation (kept_feeder)
         self.use_graph = use_graph and model.device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.step_id = torch.zeros(1, 1, dtype=torch.long, device=model.device)
@@ -96,10 +102,6 @@ class StaticCacheFeeder:
         """Empty again (the graph, if recorded, is kept) for the next generation."""
         self.length = 0
         self._rewind()
-        self.in_use = True
-
-    def release(self) -> None:
-        self.in_use = False
 
     def _rewind(self) -> None:
         """Point the cache's own write position (transformers >= 5 keeps it on the device) at self.length."""

@@ -7,11 +7,12 @@ Cog cancel lands between two tokens, and nothing keeps running after the caller 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
 
-from .cuda_graph_decode import graphs_possible, shared_feeder
+from .cuda_graph_decode import graphs_possible, kept_feeder
 from .lean_llama import LeanLlama
 from .sampling import SamplingParams, next_token, process_scores
 
@@ -30,21 +31,26 @@ def eos_ids_of(model, tokenizer) -> set[int]:
     return ids
 
 
-def _feeder(model, capacity: int, cuda_graphs: bool, compile_step: bool = False):
-    """feed(ids) -> fp32 logits [vocab] after those ids, keeping the model's KV cache between calls."""
+@contextlib.contextmanager
+def feeding(model, capacity: int, cuda_graphs: bool = True, compile_step: bool = False):
+    """feed(ids) -> fp32 logits [vocab] after those ids, keeping the model's KV cache between calls;
+    for one generation."""
     if isinstance(model, LeanLlama):
         cache = model.new_cache(capacity)
-        return lambda ids: model.forward(ids, cache)
-    if cuda_graphs and graphs_possible(model):
-        return shared_feeder(model, capacity, compile_step)
-    from transformers import DynamicCache
+        yield lambda ids: model.forward(ids, cache)
+    elif cuda_graphs and graphs_possible(model):
+        with kept_feeder(model, capacity, compile_step) as feeder:
+            yield feeder
+    else:
+        from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+        cache = DynamicCache(config=model.config)
 
-    def feed(ids: list[int]) -> torch.Tensor:
-        step = torch.tensor([ids], device=model.device)
-        return model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()
-    return feed
+        def feed(ids: list[int]) -> torch.Tensor:
+            step = torch.tensor([ids], device=model.device)
+            return model(input_ids=step, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1).logits[0, -1].float()
+        yield feed
 
 
 @torch.inference_mode()
@@ -57,11 +63,10 @@ def generate_token_ids(model, prompt_ids: list[int], params: SamplingParams,
     compile_step also compiles that step first.
     """
     device = model.device
-    feed = _feeder(model, len(prompt_ids) + params.max_new_tokens, cuda_graphs, compile_step)
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else torch.seed())
     sequence = torch.tensor([prompt_ids], device=device)  # [1, T]: what the repetition penalty sees
-    try:
+    with feeding(model, len(prompt_ids) + params.max_new_tokens, cuda_graphs, compile_step) as feed:
         logits = feed(prompt_ids)
         for step in range(params.max_new_tokens):
             if step:
@@ -72,8 +77,6 @@ def generate_token_ids(model, prompt_ids: list[int], params: SamplingParams,
                 return
             yield token
             sequence = torch.cat([sequence, next_id], dim=1)
-    finally:  # also when the caller stops reading (a cancelled request): the kept feeder is free again
-        getattr(feed, "release", lambda: None)()
 
 
 def _held_back(text: str, stops: list[str]) -> int:

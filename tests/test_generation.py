@@ -46,11 +46,11 @@ def test_static_cache_feeder_equals_dynamic_cache(model_and_tokenizer):
     """The GPU decoding path's static cache (cuda_graph_decode.py; graphs are CUDA-only and
     tested in test_cuda.py) gives the same logits, step by step, as the dynamic cache."""
     from alpaca_tune.cuda_graph_decode import StaticCacheFeeder
-    from alpaca_tune.generation import _feeder
+    from alpaca_tune.generation import feeding
 
     model, _ = model_and_tokenizer
-    static, dynamic = StaticCacheFeeder(model, capacity=16), _feeder(model, 16, cuda_graphs=False)
-    with torch.inference_mode():
+    static = StaticCacheFeeder(model, capacity=16)
+    with torch.inference_mode(), feeding(model, 16, cuda_graphs=False) as dynamic:
         steps = [PROMPT] + [[token] for token in (50, 51, 7, 9)]
         for number, ids in enumerate(steps):
             if number == 2:  # what capture does first: two unkept steps, then the cache is rewound
@@ -65,22 +65,22 @@ def test_static_cache_feeder_equals_dynamic_cache(model_and_tokenizer):
 def test_kept_feeder_is_reused_only_when_free_and_starts_empty(model_and_tokenizer):
     """A model keeps one static-cache feeder per capacity bucket (a GPU's recorded graph is reused
     by later requests); a reused one answers like a fresh cache, stale keys notwithstanding."""
-    from alpaca_tune.cuda_graph_decode import shared_feeder
-    from alpaca_tune.generation import _feeder
+    from alpaca_tune.cuda_graph_decode import kept_feeder
+    from alpaca_tune.generation import feeding
 
     model, _ = model_and_tokenizer
-    first = shared_feeder(model, 40)
-    assert first.capacity == 256 and shared_feeder(model, 200) is not first  # first is still in use
     with torch.inference_mode():
-        for ids in [PROMPT + [60, 61, 62], [9], [10]]:  # leaves keys at positions a shorter request reuses
-            first(ids)
-        first.release()
-        again = shared_feeder(model, 30)
-        assert again is first and again.length == 0
-        fresh = _feeder(model, 16, cuda_graphs=False)
-        for ids in [PROMPT, [50], [51], [7]]:
-            torch.testing.assert_close(again(ids), fresh(ids), rtol=1e-5, atol=1e-5)
-    assert shared_feeder(model, 300).capacity == 512
+        with kept_feeder(model, 40) as first:
+            with kept_feeder(model, 200) as other:
+                assert first.capacity == 256 and other is not first  # first is still in use
+            for ids in [PROMPT + [60, 61, 62], [9], [10]]:  # leaves keys at positions a shorter request reuses
+                first(ids)
+        with kept_feeder(model, 30) as again, feeding(model, 16, cuda_graphs=False) as fresh:
+            assert again is first and again.length == 0
+            for ids in [PROMPT, [50], [51], [7]]:
+                torch.testing.assert_close(again(ids), fresh(ids), rtol=1e-5, atol=1e-5)
+    with kept_feeder(model, 300) as larger:
+        assert larger.capacity == 512
 
 
 def test_stops_at_eos(model_and_tokenizer):
