@@ -90,7 +90,8 @@ def train_figures(base, quantization: str, checkpointing: bool, seq: int, rows: 
     """One trainer step timed on `base` with a fresh LoRA adapter, which is removed again after
     (compiled layers stay compiled: those runs come last)."""
     from alpaca_tune.model import attach_lora
-    from alpaca_tune.training import optimizer_step, switch_on_fast_paths
+    from alpaca_tune.fast_paths import switch_on_fast_paths
+    from alpaca_tune.training import optimizer_step
 
     model = attach_lora(base, rank=8, alpha=16, dropout=0.05, target_modules="q_proj,v_proj", seed=0,
                         quantized=quantization != "none", gradient_checkpointing=checkpointing)

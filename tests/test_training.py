@@ -173,7 +173,7 @@ def test_lora_in_bf16_under_autocast_matches_fp32_lora_products(tiny_model_dir):
     from alpaca_tune.batching import collate_padded
     from alpaca_tune.loss import label_loss
     from alpaca_tune.tokenization import Example
-    from alpaca_tune.training import lora_in_base_dtype
+    from alpaca_tune.fast_paths import lora_in_base_dtype
 
     g = torch.Generator().manual_seed(0)
     examples = [Example(ids, [-100] * 5 + ids[5:]) for ids in
@@ -205,7 +205,7 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tiny_model_di
 
     from alpaca_tune.loss import label_loss
     from alpaca_tune.model import attach_lora
-    from alpaca_tune.training import compile_decoder_layers
+    from alpaca_tune.fast_paths import compile_decoder_layers
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     model = attach_lora(base, rank=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj", seed=0)
@@ -236,7 +236,7 @@ def test_a_failing_compiler_leaves_the_layers_uncompiled_not_the_run_broken(tiny
     import torch._inductor.config
     from transformers import AutoModelForCausalLM
 
-    from alpaca_tune import training
+    from alpaca_tune import fast_paths
 
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))
     torch._dynamo.reset()  # forget what earlier tests compiled with a working compiler
@@ -244,10 +244,10 @@ def test_a_failing_compiler_leaves_the_layers_uncompiled_not_the_run_broken(tiny
     ids = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.no_grad():
         eager = model(input_ids=ids).logits
-        training.compile_decoder_layers(model)
+        fast_paths.compile_decoder_layers(model)
         torch.testing.assert_close(model(input_ids=ids).logits, eager)
     # and on a GPU without Triton's C compiler the trainer does not even try
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("CC", raising=False)
-    assert training.compiler_missing() in ("Triton is not installed",
+    assert fast_paths.compiler_missing() in ("Triton is not installed",
                                            "no C compiler found (Triton needs one; set CC or install gcc)")
