@@ -74,7 +74,7 @@ def compile_decoder_layers(causal_lm) -> None:
     """torch.compile each decoder layer (one compiled graph serves them all: the layers differ only
     in their weights). Fuses the norms, rotary embedding, activation and LoRA's small products into
     few kernels: on an H100 these elementwise kernels took ~35% of an eager 7B step
-    (BENCHMARKS.md, GPU). Not on CPU: there the step is mostly matmuls already (cpu_*.py).
+    (BENCHMARKS.md, GPU). Not on CPU, where steps were ~15% faster but only after a 347 s compile.
     A layer that fails to compile runs uncompiled (with a warning) rather than ending the run."""
     import torch._dynamo
 
