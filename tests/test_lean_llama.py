@@ -2,12 +2,15 @@
 step through the KV cache, greedy tokens, adapter merge, tokenizer ids, and what falls back."""
 
 import json
+import warnings
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from alpaca_tune.generation import generate_token_ids
-from alpaca_tune.lean_llama import LeanLlama, LeanModelError, unsupported_reason
+from alpaca_tune.lean_llama import LeanLlama, LeanModelError, _silu, unsupported_reason
 from alpaca_tune.lora_merge import AdapterError, unmergeable_reason
 from alpaca_tune.sampling import SamplingParams
 from alpaca_tune.serving_tokenizer import ServingTokenizer
@@ -68,6 +71,24 @@ def test_a_wrong_rotary_layout_is_caught(tmp_path, tiny_tokenizer_dir):
     with torch.no_grad():
         expected = reference(input_ids=torch.tensor([PROMPT])).logits[0, -1]
     assert (lean.forward(PROMPT, lean.new_cache(len(PROMPT))) - expected).abs().max() > 1e-3
+
+
+def test_silu_in_numpy_equals_torch_where_exp_overflows():
+    x = np.linspace(-500, 500, 10001, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        got = torch.from_numpy(_silu(x))
+    torch.testing.assert_close(got, F.silu(torch.from_numpy(x)), atol=1e-6, rtol=1e-5)
+
+
+def test_huge_activations_give_finite_logits_and_no_warnings(tmp_path, tiny_tokenizer_dir):
+    save_model(tmp_path, tiny_tokenizer_dir)
+    lean = LeanLlama.load(tmp_path)
+    lean.layers[0].gate_up[:, :lean.intermediate] *= 1e4  # gate inputs far below -88: exp overflows
+    cache = lean.new_cache(len(PROMPT) + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logits = [lean.forward(PROMPT, cache), lean.forward([50], cache)]
+    assert all(bool(torch.isfinite(step).all()) for step in logits)
 
 
 @pytest.mark.parametrize("rslora", [False, True])
