@@ -128,21 +128,27 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 class KVCache:
-    """Keys and values of every layer for one sequence, preallocated for `capacity` positions."""
+    """Keys and values of every layer for one sequence, preallocated for `capacity` positions.
+
+    Keys are kept transposed, [D, positions] per head, so a new token's scores are one plain
+    product q @ K that OpenBLAS runs ~6x faster than q @ K.T (38 vs 238 us a layer at 2,000
+    positions for SmolLM2)."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int):
-        self.keys = np.empty((layers, kv_heads, capacity, head_dim), dtype=np.float32)
+        self.keys_t = np.empty((layers, kv_heads, head_dim, capacity), dtype=np.float32)
         self.values = np.empty((layers, kv_heads, capacity, head_dim), dtype=np.float32)
+        self.capacity = capacity
         self.length = 0  # positions filled in every layer
 
     def extend(self, layer: int, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store [kv_heads, T, D] at the next positions; the layer's keys and values so far."""
+        """Store keys and values [kv_heads, T, D] at the next positions; the layer's keys so far
+        as [kv_heads, D, positions] and values as [kv_heads, positions, D]."""
         end = self.length + keys.shape[1]
-        if end > self.keys.shape[2]:
-            raise ValueError(f"KV cache full: {end} positions > capacity {self.keys.shape[2]}")
-        self.keys[layer, :, self.length:end] = keys
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} positions > capacity {self.capacity}")
+        self.keys_t[layer, :, :, self.length:end] = keys.transpose(0, 2, 1)
         self.values[layer, :, self.length:end] = values
-        return self.keys[layer, :, :end], self.values[layer, :, :end]
+        return self.keys_t[layer, :, :, :end], self.values[layer, :, :end]
 
 
 class LeanLlama:
@@ -241,27 +247,32 @@ class LeanLlama:
             h = _rms_norm(x, layer.input_norm, self.eps)
             qkv = (h @ layer.qkv).reshape(count, heads + 2 * kv_heads, self.head_dim).transpose(1, 0, 2)
             qk = _rotate(qkv[:heads + kv_heads], cos, sin)  # q and k heads in one go
-            keys, values = cache.extend(index, qk[heads:], qkv[heads + kv_heads:])
-            x = x + self._attend(qk[:heads], keys, values) @ layer.o
+            q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
+            keys_t, values = cache.extend(index, k, v)
+            # several ids only go into an empty cache (checked above): the prompt attends to itself
+            attended = self._attend_prompt(q, k, v) if count > 1 else self._attend_one(q, keys_t, values)
+            x = x + attended @ layer.o
             h = _rms_norm(x, layer.post_norm, self.eps)
             gate_up = h @ layer.gate_up
             x = x + (_silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:]) @ layer.down.T
         cache.length += count
         return _rms_norm(x[-1:], self.norm, self.eps)[0] @ self.head_t
 
-    def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """q [heads, T, D] at the last T positions; keys/values [kv_heads, positions, D] -> [T, heads * D]."""
-        count = q.shape[1]
-        if count > 1:
-            # the prompt: torch's fused causal kernel, whose memory grows with T rather than T^2
-            attended = F.scaled_dot_product_attention(
-                torch.from_numpy(q)[None], torch.from_numpy(keys)[None], torch.from_numpy(values)[None],
-                is_causal=True, enable_gqa=self.kv_heads != self.heads)[0].numpy()
-            return attended.transpose(1, 0, 2).reshape(count, -1)
-        # one new token: a handful of numpy calls, ~10x less per-call overhead than torch's on
-        # tensors this small. Query head h reads kv head h // group, as transformers' repeat_kv.
+    def _attend_prompt(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """The prompt into an empty cache: q [heads, T, D], keys/values [kv_heads, T, D] -> [T, heads * D].
+        torch's fused causal kernel, whose memory grows with T rather than T^2."""
+        attended = F.scaled_dot_product_attention(
+            torch.from_numpy(q)[None], torch.from_numpy(keys)[None], torch.from_numpy(values)[None],
+            is_causal=True, enable_gqa=self.kv_heads != self.heads)[0].numpy()
+        return attended.transpose(1, 0, 2).reshape(q.shape[1], -1)
+
+    def _attend_one(self, q: np.ndarray, keys_t: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """One new token: q [heads, 1, D], keys_t [kv_heads, D, positions], values [kv_heads,
+        positions, D] -> [1, heads * D]. A handful of numpy calls, ~10x less per-call overhead than
+        torch's on tensors this small. Query head h reads kv head h // group, as transformers'
+        repeat_kv."""
         group = self.heads // self.kv_heads
-        scores = q.reshape(self.kv_heads, group, self.head_dim) @ keys.transpose(0, 2, 1)
+        scores = q.reshape(self.kv_heads, group, self.head_dim) @ keys_t
         scores *= np.float32(1 / math.sqrt(self.head_dim))
         weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
         weights /= weights.sum(axis=-1, keepdims=True)

@@ -91,7 +91,11 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--base_model", default="")
-    parser.add_argument("--batch", type=int, default=8, help="prompts per generate() call in the batch row")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="prompts per generate() call in the batch row (0: no batch row)")
+    parser.add_argument("--prompt_tokens", type=int, default=0,
+                        help="repeat the instruction until the prompt has at least this many tokens, to time "
+                             "decoding at a long context (the bound still counts weights only)")
     args = parser.parse_args()
 
     # ours: the model exactly as the Predictor serves it (LeanLlama on CPU); theirs: transformers'
@@ -99,7 +103,11 @@ def main() -> None:
     model, tokenizer = load_base(args.base_model)
     model.eval()
     model.config.use_cache = True
-    prompt_ids = encode_prompt(tokenizer, load_template("alpaca").render(PROMPT))
+    instruction = PROMPT
+    prompt_ids = encode_prompt(tokenizer, load_template("alpaca").render(instruction))
+    while len(prompt_ids) < args.prompt_tokens:
+        instruction += " " + PROMPT
+        prompt_ids = encode_prompt(tokenizer, load_template("alpaca").render(instruction))
     # correctness first: both sides produce the same greedy tokens
     ours_tokens = list(generate_token_ids(served.model, prompt_ids,
                                           SamplingParams(max_new_tokens=32, temperature=0.0), set()))
@@ -114,8 +122,10 @@ def main() -> None:
     rows, bandwidths = {}, []
     hf_batch = functools.partial(time_hf, batch=args.batch)
     with torch.inference_mode():
-        for name, timer, subject in (("ours", time_ours, served.model), ("hf-generate", time_hf, model),
-                                     (f"hf-generate x{args.batch}", hf_batch, model)):
+        decoders = [("ours", time_ours, served.model), ("hf-generate", time_hf, model)]
+        if args.batch:
+            decoders.append((f"hf-generate x{args.batch}", hf_batch, model))
+        for name, timer, subject in decoders:
             timer(subject, prompt_ids, 8)  # warm-up
             runs = []
             for _ in range(args.repeats):

@@ -54,6 +54,19 @@ def test_logits_at_every_step_equal_transformers(tmp_path, tiny_tokenizer_dir, v
     torch.testing.assert_close(torch.stack(got), expected[len(PROMPT) - 1:], atol=1e-5, rtol=1e-4)
 
 
+def test_one_token_at_a_time_from_the_start_equals_transformers(tmp_path, tiny_tokenizer_dir):
+    """A one-id prompt takes the single-token attention (transposed key cache) from position 0."""
+    reference = save_model(tmp_path, tiny_tokenizer_dir)
+    lean = LeanLlama.load(tmp_path)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([PROMPT])).logits[0]
+    cache = lean.new_cache(len(PROMPT))
+    got = torch.stack([lean.forward([token], cache) for token in PROMPT])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="KV cache full"):
+        lean.forward([PROMPT[0]], cache)
+
+
 def test_greedy_tokens_equal_transformers_generate(tmp_path, tiny_tokenizer_dir):
     reference = save_model(tmp_path, tiny_tokenizer_dir)
     lean = LeanLlama.load(tmp_path)
