@@ -103,11 +103,11 @@ def main() -> None:
     model, tokenizer = load_base(args.base_model)
     model.eval()
     model.config.use_cache = True
-    instruction = PROMPT
-    prompt_ids = encode_prompt(tokenizer, load_template("alpaca").render(instruction))
+    template, repeats = load_template("alpaca"), 1
+    prompt_ids = encode_prompt(tokenizer, template.render(PROMPT))
     while len(prompt_ids) < args.prompt_tokens:
-        instruction += " " + PROMPT
-        prompt_ids = encode_prompt(tokenizer, load_template("alpaca").render(instruction))
+        repeats += 1
+        prompt_ids = encode_prompt(tokenizer, template.render(" ".join([PROMPT] * repeats)))
     # correctness first: both sides produce the same greedy tokens
     ours_tokens = list(generate_token_ids(served.model, prompt_ids,
                                           SamplingParams(max_new_tokens=32, temperature=0.0), set()))
@@ -119,6 +119,10 @@ def main() -> None:
     served_bytes = getattr(served.model, "weight_bytes", per_token)
     assert served_bytes == per_token, "both sides must read the same weights per token"
     buffer = torch.ones(1024 * 1024 * 1024 // 4, dtype=torch.float32)  # 1 GB, far beyond the caches
+
+    def bound(gbs: float) -> float:
+        return gbs * 1e9 / per_token  # tokens/s
+
     rows, bandwidths = {}, []
     hf_batch = functools.partial(time_hf, batch=args.batch)
     with torch.inference_mode():
@@ -131,19 +135,18 @@ def main() -> None:
             for _ in range(args.repeats):
                 bandwidths.append(measure_bandwidth_gbs(buffer))
                 ttft, rate = timer(subject, prompt_ids, args.new_tokens)
-                runs.append((ttft, rate, rate / (bandwidths[-1] * 1e9 / per_token)))
+                runs.append((ttft, rate, rate / bound(bandwidths[-1])))
             rows[name] = tuple(statistics.median(run[i] for run in runs) for i in range(3))
     print(f"model {model.config.architectures[0]} {per_token / 1e6:.0f} MB of weights ({model.dtype}), "
           f"prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
     low, high = min(bandwidths), max(bandwidths)
-    print(f"memory bandwidth (read) {low:.1f}-{high:.1f} GB/s -> bound {low * 1e9 / per_token:.1f}-"
-          f"{high * 1e9 / per_token:.1f} tokens/s (measured before each run)")
+    print(f"memory bandwidth (read) {low:.1f}-{high:.1f} GB/s -> bound {bound(low):.1f}-{bound(high):.1f} "
+          f"tokens/s (measured before each run)")
     # "of bound": each run against the bandwidth measured just before it; "of peak": against the
     # highest bandwidth seen in this run, the strictest reading of a drifting machine
-    peak_bound = high * 1e9 / per_token
     print(f"{'decoder':16} {'TTFT':>8} {'tokens/s':>9} {'of bound':>9} {'of peak':>8}")
     for name, (ttft, rate, share) in rows.items():
-        shown = f"{share:9.0%} {rate / peak_bound:8.0%}" if "x" not in name else f"{'(batch)':>9}"
+        shown = f"{share:9.0%} {rate / bound(high):8.0%}" if "x" not in name else f"{'(batch)':>9}"
         print(f"{name:16} {ttft * 1000:6.0f}ms {rate:9.1f} {shown}")
     print(f"\nours / hf-generate: {rows['ours'][1] / rows['hf-generate'][1]:.2f}x tokens/s")
 
