@@ -12,6 +12,7 @@ import random
 import torch
 
 from .tokenization import IGNORE_INDEX, Example
+from .cpu_attention import NAME as CPU_ATTENTION
 
 MEGABATCH_FACTOR = 50  # length grouping sorts within windows of this many micro-batches
 
@@ -79,7 +80,7 @@ def packed_attention_mask(segment_ids: torch.Tensor, attn_implementation: str,
     length = segment_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
     allowed = (same_example & causal).unsqueeze(1)  # [B, 1, T, T]
-    if attn_implementation.startswith("sdpa"):  # "sdpa" and cpu_attention's "sdpa_fp32"
+    if attn_implementation in ("sdpa", CPU_ATTENTION):  # cpu_attention hands masks to SDPA
         return allowed
     blocked = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
     return blocked.masked_fill(~allowed, torch.finfo(dtype).min)

@@ -1,35 +1,147 @@
-"""SDPA in fp32 for a bf16 model on CPU: transformers' own SDPA attention, with q, k, v upcast.
+"""Causal self-attention for training a bf16 model on CPU: bf16 products, skipping the masked half.
 
-PyTorch's CPU flash-attention kernels are faster in fp32 than in bf16 on the project's AVX512-BF16
-machine (forward + backward of one SmolLM2 layer at 4 x 400 tokens: ~37 ms vs ~56 ms; the bf16
-kernel converts block by block), while the matmuls around them are ~2.5x faster in bf16. So a bf16
-model trains with every product in bf16 and attention alone in fp32, which is also at least as
-accurate. Registered with transformers as the attention implementation "sdpa_fp32"; masks are
-built exactly as for "sdpa".
+PyTorch's CPU flash-attention kernels run this model's attention (head dim 64, a few hundred
+tokens) at ~30-50 GFLOP/s in either dtype, while a bf16 matmul on the same 2 cores reaches ~350.
+Written as batched matmuls instead, attention is fast except for one waste: the upper half of
+every score matrix is masked. So the queries are cut into blocks of about BLOCK_ROWS, and each
+block is multiplied only with the keys it may see (for 4 blocks, 10/16 of the full products).
+Forward + backward of one SmolLM2 layer at 4 x 400 tokens: ~58 ms with fp32 SDPA (the previous
+path), ~29 ms here (BENCHMARKS.md, training).
+
+Precision, checked against an fp64 reference (tests/test_cpu_attention.py): scores are computed
+from bf16 q, k in fp32 (a bf16 score rounds by up to ~0.1 at magnitudes of 20, which eager bf16
+attention accepts and this does not); the softmax is in fp32; probabilities, values and
+gradients go through bf16 products with fp32 accumulation, as in PyTorch's own bf16 kernels.
+The grouped key/value heads are never repeated: each key/value head serves its query heads as
+rows of one product.
+
+Registered with transformers as the attention implementation "cpu_causal_blocks"; a call it does
+not cover (a mask, as when packing; a KV cache; dropout) goes to SDPA with q, k, v in fp32.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-NAME = "sdpa_fp32"
+NAME = "cpu_causal_blocks"
+
+# Query rows per block: measured per layer at 128-512 tokens, 96-128 was fastest; fewer rows make
+# more, smaller products, more rows multiply more of the masked half.
+BLOCK_ROWS = 64
 
 
-def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
+def block_bounds(length: int) -> list[int]:
+    """Row boundaries [0, ..., length] of ceil(length / BLOCK_ROWS) near-equal query blocks."""
+    blocks = max(1, math.ceil(length / BLOCK_ROWS))
+    return [round(length * i / blocks) for i in range(blocks + 1)]
+
+
+class CausalBlockAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + causal mask) v for q [B, H, T, D], k and v [B, KV, T, D] (H a
+    multiple of KV), all of one dtype; returns [B, H, T, D]. Saves the probabilities (in q's
+    dtype) for backward instead of recomputing them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        batch, heads, length, dim = q.shape
+        kv_heads = k.shape[1]
+        # transformers hands over transposed views of [B, T, heads, D]; per-head rows in one piece
+        # make every product below a plain batched one.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        # Query head h uses key/value head h // group, so each kv head's queries are its group's rows.
+        grouped_q = q.float().view(batch, kv_heads, heads // kv_heads, length, dim)
+        keys_t = k.float().transpose(-1, -2)
+        out = torch.empty(grouped_q.shape, dtype=q.dtype, device=q.device)
+        bounds = block_bounds(length)
+        probs = []
+        for r0, r1 in zip(bounds, bounds[1:]):
+            rows = grouped_q[:, :, :, r0:r1].reshape(batch, kv_heads, -1, dim)
+            scores = rows @ keys_t[..., :r1]  # [B, KV, G*rows, r1], fp32
+            scores.mul_(scale)
+            # Only the block's own columns hold positions later than some of its rows.
+            future = torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=q.device).triu(1)
+            scores.view(batch, kv_heads, -1, r1 - r0, r1)[..., r0:].masked_fill_(future, float("-inf"))
+            p = torch.softmax(scores, dim=-1).to(q.dtype)
+            out[:, :, :, r0:r1] = (p @ v[:, :, :r1]).view(batch, kv_heads, -1, r1 - r0, dim)
+            probs.append(p)
+        out = out.view(batch, heads, length, dim)
+        ctx.save_for_backward(q, k, v, out, *probs)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, *probs = ctx.saved_tensors
+        # The first layer's keys (and values) need none: its input, the embeddings, is frozen.
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        batch, heads, length, dim = q.shape
+        kv_heads = k.shape[1]
+        group = heads // kv_heads
+        d_out = d_out.contiguous()
+        # softmax backward needs rowsum(p * dp) per query; it equals rowsum(d_out * out).
+        delta = (d_out.float() * out.float()).sum(-1).view(batch, kv_heads, group, length)
+        grouped_d_out = d_out.view(batch, kv_heads, group, length, dim)
+        grouped_q = q.reshape(batch, kv_heads, group, length, dim)
+        d_q = torch.empty_like(grouped_q)
+        d_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # summed over blocks
+        d_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        bounds = block_bounds(length)
+        for (r0, r1), p in zip(zip(bounds, bounds[1:]), probs):
+            rows_d_out = grouped_d_out[:, :, :, r0:r1].reshape(batch, kv_heads, -1, dim)
+            rows_q = grouped_q[:, :, :, r0:r1].reshape(batch, kv_heads, -1, dim)
+            if need_v:
+                d_v[:, :, :r1] += p.transpose(-1, -2) @ rows_d_out
+            if not (need_q or need_k):
+                continue
+            d_scores = (rows_d_out @ v[:, :, :r1].transpose(-1, -2)).float()
+            d_scores.sub_(delta[:, :, :, r0:r1].reshape(batch, kv_heads, -1, 1)).mul_(p).mul_(ctx.scale)
+            d_scores = d_scores.to(q.dtype)
+            if need_q:
+                d_q[:, :, :, r0:r1] = (d_scores @ k[:, :, :r1]).view(batch, kv_heads, group, r1 - r0, dim)
+            if need_k:
+                d_k[:, :, :r1] += d_scores.transpose(-1, -2) @ rows_q
+        return (d_q.view(batch, heads, length, dim) if need_q else None,
+                d_k.to(k.dtype) if need_k else None, d_v.to(v.dtype) if need_v else None, None)
+
+
+def causal_block_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
+    """Causal attention [B, H, T, D] for q [B, H, T, D], k and v [B, KV, T, D]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with torch.autocast(q.device.type, enabled=False):  # its products pick their own dtypes
+        return CausalBlockAttention.apply(q, k, v, scale)
+
+
+def _covers(module, query, key, attention_mask, dropout: float, kwargs) -> bool:
+    """Plain causal self-attention over the whole sequence: what causal_block_attention computes."""
+    return (attention_mask is None and query.shape[2] == key.shape[2] > 1 and dropout == 0.0
+            and kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
+            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+            and kwargs.get("cache") is None and query.shape[1] % key.shape[1] == 0)
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+               scaling: float | None = None, **kwargs):
+    if _covers(module, query, key, attention_mask, dropout, kwargs):
+        output = causal_block_attention(query, key, value, scaling)
+        return output.transpose(1, 2).contiguous(), None  # transformers wants [B, T, H, D]
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    # Autocast would cast q, k, v straight back to bf16 for SDPA, so it is paused here.
+    # Autocast would cast q, k, v straight back to bf16 for SDPA, so it is paused here; PyTorch's
+    # CPU kernels are faster in fp32 than in bf16 for these shapes.
     with torch.autocast(query.device.type, enabled=False):
         output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
-                                                 attention_mask, **kwargs)
+                                                 attention_mask, dropout=dropout, scaling=scaling,
+                                                 **kwargs)
     return output.to(query.dtype), weights
 
 
-def use_fp32_attention(causal_lm) -> None:
-    """Switch a loaded transformers model (bf16, on CPU) to SDPA in fp32."""
+def use_cpu_attention(causal_lm) -> None:
+    """Switch a loaded transformers model (bf16, on CPU, for training) to this attention."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(NAME, _sdpa_fp32)
+    AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     causal_lm.set_attn_implementation(NAME)

@@ -17,7 +17,7 @@ import shutil
 import torch
 
 from .allocator import keep_freed_memory
-from .cpu_attention import use_fp32_attention
+from .cpu_attention import use_cpu_attention
 from .cpu_dropout import use_cpu_dropout
 
 log = logging.getLogger("alpaca_tune.train")
@@ -55,8 +55,8 @@ def switch_on_fast_paths(model, device: torch.device, base_dtype: torch.dtype, q
     if device.type == "cpu":
         keep_freed_memory()  # each step re-allocates the same large tensors (allocator.py)
         use_cpu_dropout(model)  # same dropout, cheaper masks (cpu_dropout.py)
-        if base_dtype == torch.bfloat16:  # faster there than bf16 attention (cpu_attention.py)
-            use_fp32_attention(model.get_base_model())
+        if base_dtype == torch.bfloat16:  # attention as bf16 products (cpu_attention.py)
+            use_cpu_attention(model.get_base_model())
     return functools.partial(lora_in_base_dtype, model, None if quantized else base_dtype, device)
 
 

@@ -16,7 +16,7 @@ is its own.
             padding), LM head and loss only at labelled positions and in chunks, bf16 base
             weights and LoRA products where the hardware has native bf16 (LoRA weights and the
             loss in fp32); on CPU also freed memory kept for reuse, cheaper dropout masks and
-            fp32 attention (README, Performance).
+            blockwise causal attention in bf16 products (README, Performance).
   ours-*    the same with one technique switched off or changed (--variants to pick), to show
             what each one is worth.
 
