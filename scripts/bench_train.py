@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_train.py                 # both variants, then the comparison
     .venv/bin/python scripts/bench_train.py --examples 64   # smaller/faster
+    .venv/bin/python scripts/bench_train.py --variants baseline,ours --rounds 2   # A B B A
 
 Same machine, base model (the embedded SmolLM2 unless --base_model), data (a fixed, seeded mix of
 GPTeacher role-play and GSM8K records from ../shared/data, whose lengths vary), and
@@ -179,6 +180,9 @@ def main() -> None:
     parser.add_argument("--base_model", default="", help="default: the embedded SmolLM2")
     parser.add_argument("--variants", default="baseline,ours,ours-fp32",
                         help=f"comma-separated: baseline, {', '.join(VARIANTS)}")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every variant this many times, the order reversed each round (A B, B A, ...), "
+                             "so that a machine whose speed drifts slows each variant alike")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -192,27 +196,48 @@ def main() -> None:
         return
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
     make_mix(args.examples, args.held_out, workdir)
-    results = {}
-    for variant in args.variants.split(","):
-        print(f"== {variant} ...", flush=True)
-        out = subprocess.run([sys.executable, __file__, "--child", variant, "--workdir", str(workdir),
-                              "--base_model", str(base_dir)], capture_output=True, text=True)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
-        results[variant] = json.loads(line[len("RESULT "):])
+    variants = args.variants.split(",")
+    runs = {variant: [] for variant in variants}  # one result per round
+    for round_ in range(args.rounds):
+        for variant in variants if round_ % 2 == 0 else variants[::-1]:
+            print(f"== {variant} (round {round_ + 1}/{args.rounds}) ...", flush=True)
+            runs[variant].append(run_child(variant, workdir, base_dir))
     print(f"\nbase {base_dir.name}, {args.examples} training / {args.held_out} held-out records, "
-          f"{HYPER['train_batch_size']}x{HYPER['gradient_accumulation_steps']} batch, cutoff {HYPER['cutoff_len']}")
-    print(f"{'variant':10} {'tokens/s':>9} {'padding':>8} {'peak RSS':>9} {'eval loss':>10} {'seconds':>8}")
+          f"{HYPER['train_batch_size']}x{HYPER['gradient_accumulation_steps']} batch, cutoff {HYPER['cutoff_len']}"
+          + (f"; {args.rounds} rounds: tokens/s over all rounds' tokens and seconds" if args.rounds > 1 else ""))
+    print(f"{'variant':10} {'tokens/s':>9} {'padding':>8} {'peak RSS':>9} {'eval loss':>10} {'seconds':>8}"
+          + ("  tokens/s per round" if args.rounds > 1 else ""))
+    results = {name: summarize(rounds) for name, rounds in runs.items()}
     for name, r in results.items():
-        padding = 1 - r["real_tokens"] / r["padded_tokens"]
-        r["tokens_per_s"] = r["real_tokens"] / r["seconds"]
-        print(f"{name:10} {r['tokens_per_s']:9.1f} {padding:8.1%} {r['peak_rss_mb']:7.0f}MB "
-              f"{r['eval_loss']:10.4f} {r['seconds']:8.1f}")
+        print(f"{name:10} {r['tokens_per_s']:9.1f} {r['padding']:8.1%} {r['peak_rss_mb']:7.0f}MB "
+              f"{r['eval_loss']:10.4f} {r['seconds']:8.1f}"
+              + ("  " + " ".join(f"{t:.1f}" for t in r["per_round"]) if args.rounds > 1 else ""))
     if {"baseline", "ours"} <= set(results):
         b, o = results["baseline"], results["ours"]
-        print(f"\nspeed-up (tokens/s, ours / baseline): {o['tokens_per_s'] / b['tokens_per_s']:.2f}x; "
-              f"eval loss ours vs baseline: {o['eval_loss'] / b['eval_loss'] - 1:+.2%}")
+        per_round = [ours / base for ours, base in zip(o["per_round"], b["per_round"])]
+        print(f"\nspeed-up (tokens/s, ours / baseline): {o['tokens_per_s'] / b['tokens_per_s']:.2f}x"
+              + (f" (per round: {', '.join(f'{r:.2f}x' for r in per_round)})" if args.rounds > 1 else "")
+              + f"; eval loss ours vs baseline: {o['eval_loss'] / b['eval_loss'] - 1:+.2%}")
+
+
+def run_child(variant: str, workdir: Path, base_dir: Path) -> dict:
+    """One variant in its own process (its own peak RSS): its RESULT line."""
+    out = subprocess.run([sys.executable, __file__, "--child", variant, "--workdir", str(workdir),
+                          "--base_model", str(base_dir)], capture_output=True, text=True)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """A variant over its rounds: tokens/s over all tokens and seconds, the highest peak RSS, the
+    mean eval loss (seeded runs give the same adapter each round), and each round's tokens/s."""
+    real, padded, seconds = (sum(r[key] for r in rounds) for key in ("real_tokens", "padded_tokens", "seconds"))
+    return {"tokens_per_s": real / seconds, "padding": 1 - real / padded, "seconds": seconds / len(rounds),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
+            "eval_loss": sum(r["eval_loss"] for r in rounds) / len(rounds),
+            "per_round": [r["real_tokens"] / r["seconds"] for r in rounds]}
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ def test_bench_generate_checks_equal_tokens_and_reports_both_decoders(tiny_model
 @pytest.mark.skipif(not (SHARED_DATA / "gsm8k_alpaca.json").exists(), reason="needs ../shared/data")
 def test_bench_train_runs_both_recipes_on_the_same_data(tiny_model_dir):
     out = run_script("scripts/bench_train.py", "--base_model", str(tiny_model_dir), "--examples", "48",
-                     "--held_out", "4", "--variants", "baseline,ours")
-    assert "speed-up (tokens/s, ours / baseline):" in out
+                     "--held_out", "4", "--variants", "baseline,ours", "--rounds", "2")
+    assert "speed-up (tokens/s, ours / baseline):" in out and "(per round: " in out
+    order = [line.split()[1] for line in out.splitlines() if line.startswith("== ")]
+    assert order == ["baseline", "ours", "ours", "baseline"]  # each round reverses the order
     rows = [line.split() for line in out.splitlines() if line.startswith(("baseline ", "ours "))]
     assert [row[0] for row in rows] == ["baseline", "ours"]
     assert all(float(row[4]) > 0 for row in rows)  # an eval loss for each
@@ -39,3 +41,11 @@ def test_bench_train_runs_both_recipes_on_the_same_data(tiny_model_dir):
 def test_bench_gpu_tiny_runs_anywhere():
     out = run_script("scripts/bench_gpu.py", "--tiny", "--steps", "1")
     assert "decode" in out.lower()
+
+
+def test_bench_attention_checks_agreement_and_reports_both():
+    out = run_script("scripts/bench_attention.py", "--lengths", "20,70", "--rounds", "1", "--heads", "4",
+                     "--kv_heads", "2", "--head_dim", "16")
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0].isdigit()]
+    assert [row[0] for row in rows] == ["20", "70"]
+    assert all(row[-1].endswith("x") and float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
