@@ -5,8 +5,8 @@ tokens) at ~30-50 GFLOP/s in either dtype, while a bf16 matmul on the same 2 cor
 Written as batched matmuls instead, attention is fast except for one waste: the upper half of
 every score matrix is masked. So the queries are cut into blocks of about BLOCK_ROWS, and each
 block is multiplied only with the keys it may see (for 4 blocks, 10/16 of the full products).
-Forward + backward of one SmolLM2 layer at 4 x 400 tokens: ~58 ms with fp32 SDPA (the previous
-path), ~29 ms here (BENCHMARKS.md, training).
+Forward + backward of one SmolLM2 layer at 4 x 400 tokens: 38.5 ms with fp32 SDPA (the previous
+path), 20.9 ms here; 1.1x at 128-192 tokens (scripts/bench_attention.py, BENCHMARKS.md).
 
 Precision, checked against an fp64 reference (tests/test_cpu_attention.py): scores are computed
 from bf16 q, k in fp32 (a bf16 score rounds by up to ~0.1 at magnitudes of 20, which eager bf16
@@ -27,8 +27,9 @@ import torch
 
 NAME = "cpu_causal_blocks"
 
-# Query rows per block: measured per layer at 128-512 tokens, 96-128 was fastest; fewer rows make
-# more, smaller products, more rows multiply more of the masked half.
+# Query rows per block: measured per layer at 128-512 tokens, 48-64 was fastest (128 up to 1.3x
+# slower at 400-512); fewer rows make more, smaller products, more rows multiply more of the
+# masked half.
 BLOCK_ROWS = 64
 
 
