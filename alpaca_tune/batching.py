@@ -11,8 +11,8 @@ import random
 
 import torch
 
-from .tokenization import IGNORE_INDEX, Example
 from .cpu_attention import NAME as CPU_ATTENTION
+from .tokenization import IGNORE_INDEX, Example
 
 MEGABATCH_FACTOR = 50  # length grouping sorts within windows of this many micro-batches
 

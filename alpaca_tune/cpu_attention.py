@@ -119,7 +119,7 @@ def _covers(module, query, key, attention_mask, dropout: float, kwargs) -> bool:
     return (attention_mask is None and query.shape[2] == key.shape[2] > 1 and dropout == 0.0
             and kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
             and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
-            and kwargs.get("cache") is None and query.shape[1] % key.shape[1] == 0)
+            and kwargs.get("cache") is None)
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0,

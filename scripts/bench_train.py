@@ -203,21 +203,20 @@ def main() -> None:
             print(f"== {variant} (round {round_ + 1}/{args.rounds}) ...", flush=True)
             runs[variant].append(run_child(variant, workdir, base_dir))
     print(f"\nbase {base_dir.name}, {args.examples} training / {args.held_out} held-out records, "
-          f"{HYPER['train_batch_size']}x{HYPER['gradient_accumulation_steps']} batch, cutoff {HYPER['cutoff_len']}"
-          + (f"; {args.rounds} rounds: tokens/s over all rounds' tokens and seconds" if args.rounds > 1 else ""))
+          f"{HYPER['train_batch_size']}x{HYPER['gradient_accumulation_steps']} batch, cutoff {HYPER['cutoff_len']}; "
+          f"{args.rounds} round(s): tokens/s over all rounds' tokens and seconds")
     print(f"{'variant':10} {'tokens/s':>9} {'padding':>8} {'peak RSS':>9} {'eval loss':>10} {'seconds':>8}"
-          + ("  tokens/s per round" if args.rounds > 1 else ""))
+          "  tokens/s per round")
     results = {name: summarize(rounds) for name, rounds in runs.items()}
     for name, r in results.items():
         print(f"{name:10} {r['tokens_per_s']:9.1f} {r['padding']:8.1%} {r['peak_rss_mb']:7.0f}MB "
-              f"{r['eval_loss']:10.4f} {r['seconds']:8.1f}"
-              + ("  " + " ".join(f"{t:.1f}" for t in r["per_round"]) if args.rounds > 1 else ""))
+              f"{r['eval_loss']:10.4f} {r['seconds']:8.1f}  " + " ".join(f"{t:.1f}" for t in r["per_round"]))
     if {"baseline", "ours"} <= set(results):
         b, o = results["baseline"], results["ours"]
         per_round = [ours / base for ours, base in zip(o["per_round"], b["per_round"])]
-        print(f"\nspeed-up (tokens/s, ours / baseline): {o['tokens_per_s'] / b['tokens_per_s']:.2f}x"
-              + (f" (per round: {', '.join(f'{r:.2f}x' for r in per_round)})" if args.rounds > 1 else "")
-              + f"; eval loss ours vs baseline: {o['eval_loss'] / b['eval_loss'] - 1:+.2%}")
+        print(f"\nspeed-up (tokens/s, ours / baseline): {o['tokens_per_s'] / b['tokens_per_s']:.2f}x "
+              f"(per round: {', '.join(f'{r:.2f}x' for r in per_round)}); "
+              f"eval loss ours vs baseline: {o['eval_loss'] / b['eval_loss'] - 1:+.2%}")
 
 
 def run_child(variant: str, workdir: Path, base_dir: Path) -> dict:

@@ -116,7 +116,7 @@ def test_model_logits_and_gradients_match_fp32_sdpa(tiny_model_dir, monkeypatch)
         model = _bf16_model(tiny_model_dir)
         if implementation == cpu_attention.NAME:
             use_cpu_attention(model)
-        else:  # the reference: the same bf16 model with SDPA on fp32 q, k, v
+        else:  # the reference: the same weights in fp32 with transformers' SDPA
             model = model.float()
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
