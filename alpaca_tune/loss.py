@@ -69,7 +69,7 @@ CHUNK_ELEMENTS = 8 * 1024 * 1024
 class HeadCrossEntropy(torch.autograd.Function):
     """sum_i cross_entropy(hidden[i] @ weight.T, targets[i]), computed a chunk of rows at a time.
 
-    The logits are rounded to the weight's dtype before the fp32 log-softmax, as nn.Linear
+    The logits are rounded to the weight's dtype before the fp32 softmax, as nn.Linear
     followed by .float() would; the gradients equal that composition's (tests/test_batching.py).
     """
 
@@ -85,12 +85,14 @@ class HeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
             logits = (h @ weight.t()).float()  # [rows, V]
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # One fused softmax gives both the loss (-log p at the targets) and its gradient
+            # (p minus the one-hot targets): ~2.5x less time per chunk than log-softmax followed
+            # by exp on this CPU, whose passes over the chunk dominate once the product is done.
+            probs = torch.softmax(logits, dim=-1)
+            total += _target_losses(logits, probs, t).sum()
             if want_hidden or want_weight:
-                d_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
-                d_logits[torch.arange(len(t), device=t.device), t] -= 1  # minus the one-hot target
-                d_logits = d_logits.to(weight.dtype)
+                probs[torch.arange(len(t), device=t.device), t] -= 1  # minus the one-hot target
+                d_logits = probs.to(weight.dtype)
                 if want_hidden:
                     grad_hidden[start:start + rows] = d_logits @ weight
                 if want_weight:
@@ -105,6 +107,19 @@ class HeadCrossEntropy(torch.autograd.Function):
         return (None if grad_hidden is None else (grad_hidden * grad_total).to(hidden_dtype),
                 None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype),
                 None)
+
+
+def _target_losses(logits: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) per row. A target probability below fp32's normal range (a logit more than
+    ~87 below the row's largest) has lost its precision or underflowed to 0, so those rows take
+    log-sum-exp minus the target logit instead."""
+    target_probs = probs.gather(1, targets[:, None]).squeeze(1)
+    losses = -target_probs.log()
+    tiny = target_probs < torch.finfo(torch.float32).tiny
+    if tiny.any():
+        rows = logits[tiny]
+        losses[tiny] = torch.logsumexp(rows, dim=-1) - rows.gather(1, targets[tiny][:, None]).squeeze(1)
+    return losses
 
 
 def full_logits_loss(causal_lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

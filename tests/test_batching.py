@@ -156,6 +156,24 @@ def test_chunked_head_cross_entropy_equals_full_logits(monkeypatch, dtype):
     assert grad_h.dtype == dtype and grad_w.dtype == dtype
 
 
+def test_chunked_head_cross_entropy_for_a_target_far_below_the_rest():
+    """A target whose probability is below fp32's range still gets its exact loss (not inf)."""
+    from alpaca_tune.loss import HeadCrossEntropy
+
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    weight = torch.tensor([[300.0, 0.0], [0.0, 0.0], [0.0, 150.0], [2.0, -1.0]])
+    targets = torch.tensor([1, 0, 3])  # row 0: 300 below its best logit; row 1: 150 below
+    h = hidden.clone().requires_grad_()
+    value = HeadCrossEntropy.apply(h, weight, targets)
+    value.backward()
+    reference = hidden.clone().requires_grad_()
+    expected = F.cross_entropy(reference @ weight.t(), targets, reduction="sum")
+    expected.backward()
+    assert torch.isfinite(value) and value.item() > 400
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(h.grad, reference.grad)
+
+
 def test_chunked_head_cross_entropy_without_gradients_keeps_nothing():
     from alpaca_tune.loss import HeadCrossEntropy
 
