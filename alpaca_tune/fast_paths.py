@@ -1,7 +1,7 @@
 """The training speed-ups that depend on the device and dtype, switched on in one place.
 
 training.py calls switch_on_fast_paths once, after LoRA is attached; what each one buys is
-measured in BENCHMARKS.md (CPU: allocator.py, cpu_dropout.py, cpu_attention.py; bf16: LoRA
+measured in BENCHMARKS.md (CPU: allocator.py, cpu_dropout.py, cpu_attention.py, cpu_norm.py; bf16: LoRA
 products under autocast; GPU: compiled decoder layers).
 """
 
@@ -19,6 +19,7 @@ import torch
 from .allocator import keep_freed_memory
 from .cpu_attention import use_cpu_attention
 from .cpu_dropout import use_cpu_dropout
+from .cpu_norm import use_cpu_rms_norm
 
 log = logging.getLogger("alpaca_tune.train")
 
@@ -55,8 +56,9 @@ def switch_on_fast_paths(model, device: torch.device, base_dtype: torch.dtype, q
     if device.type == "cpu":
         keep_freed_memory()  # each step re-allocates the same large tensors (allocator.py)
         use_cpu_dropout(model)  # same dropout, cheaper masks (cpu_dropout.py)
-        if base_dtype == torch.bfloat16:  # attention as bf16 products (cpu_attention.py)
-            use_cpu_attention(model.get_base_model())
+        if base_dtype == torch.bfloat16:
+            use_cpu_attention(model.get_base_model())  # attention as bf16 products (cpu_attention.py)
+            use_cpu_rms_norm(model.get_base_model())  # RMSNorm in fewer passes (cpu_norm.py)
     return functools.partial(lora_in_base_dtype, model, None if quantized else base_dtype, device)
 
 
