@@ -48,26 +48,30 @@ class CausalBlockAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale: float):
         batch, heads, length, dim = q.shape
         kv_heads = k.shape[1]
-        # transformers hands over transposed views of [B, T, heads, D]; per-head rows in one piece
-        # make every product below a plain batched one.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        # Query head h uses key/value head h // group, so each kv head's queries are its group's rows.
-        grouped_q = q.float().view(batch, kv_heads, heads // kv_heads, length, dim)
+        group = heads // kv_heads
+        # transformers hands over transposed views of [B, T, heads, D]. Query head h uses key/value
+        # head h // group, so each kv head's queries are its group's rows: q as [B, KV, G, T, D]
+        # (a view), whose rows each block copies out in fp32, one pass over q in all.
+        grouped_q = q.reshape(batch, kv_heads, group, length, dim)
+        k, v = k.contiguous(), v.contiguous()
         keys_t = k.float().transpose(-1, -2)
-        out = torch.empty(grouped_q.shape, dtype=q.dtype, device=q.device)
+        # The output is written in the [B, T, heads, D] layout transformers reshapes it to next,
+        # and returned as the [B, heads, T, D] view of it: no copy on the way out.
+        out = torch.empty(batch, length, heads, dim, dtype=q.dtype, device=q.device)
+        grouped_out = out.view(batch, length, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
         bounds = block_bounds(length)
         probs = []
         for r0, r1 in zip(bounds, bounds[1:]):
-            rows = grouped_q[:, :, :, r0:r1].reshape(batch, kv_heads, -1, dim)
-            scores = rows @ keys_t[..., :r1]  # [B, KV, G*rows, r1], fp32
+            rows = grouped_q[:, :, :, r0:r1].to(torch.float32, memory_format=torch.contiguous_format)
+            scores = rows.view(batch, kv_heads, -1, dim) @ keys_t[..., :r1]  # [B, KV, G*rows, r1], fp32
             scores.mul_(scale)
             # Only the block's own columns hold positions later than some of its rows.
             future = torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=q.device).triu(1)
             scores.view(batch, kv_heads, -1, r1 - r0, r1)[..., r0:].masked_fill_(future, float("-inf"))
             p = torch.softmax(scores, dim=-1).to(q.dtype)
-            out[:, :, :, r0:r1] = (p @ v[:, :, :r1]).view(batch, kv_heads, -1, r1 - r0, dim)
+            grouped_out[:, :, :, r0:r1] = (p @ v[:, :, :r1]).view(batch, kv_heads, group, r1 - r0, dim)
             probs.append(p)
-        out = out.view(batch, heads, length, dim)
+        out = out.transpose(1, 2)
         ctx.save_for_backward(q, k, v, out, *probs)
         ctx.scale = scale
         return out
@@ -80,18 +84,19 @@ class CausalBlockAttention(torch.autograd.Function):
         batch, heads, length, dim = q.shape
         kv_heads = k.shape[1]
         group = heads // kv_heads
-        d_out = d_out.contiguous()
-        # softmax backward needs rowsum(p * dp) per query; it equals rowsum(d_out * out).
-        delta = (d_out.float() * out.float()).sum(-1).view(batch, kv_heads, group, length)
-        grouped_d_out = d_out.view(batch, kv_heads, group, length, dim)
+        # softmax backward needs rowsum(p * dp) per query; it equals rowsum(d_out * out), in fp32.
+        delta = (d_out.float() * out).sum(-1).reshape(batch, kv_heads, group, length)
+        grouped_d_out = d_out.reshape(batch, kv_heads, group, length, dim)
         grouped_q = q.reshape(batch, kv_heads, group, length, dim)
-        d_q = torch.empty_like(grouped_q)
+        # Gradients go out in the layout the inputs came in ([B, T, heads, D] transposed), which
+        # the projections' backward reads without a copy.
+        d_q = _like_input(q)
+        grouped_d_q = d_q.reshape(batch, kv_heads, group, length, dim)  # a view
         d_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # summed over blocks
         d_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         bounds = block_bounds(length)
         for (r0, r1), p in zip(zip(bounds, bounds[1:]), probs):
             rows_d_out = grouped_d_out[:, :, :, r0:r1].reshape(batch, kv_heads, -1, dim)
-            rows_q = grouped_q[:, :, :, r0:r1].reshape(batch, kv_heads, -1, dim)
             if need_v:
                 d_v[:, :, :r1] += p.transpose(-1, -2) @ rows_d_out
             if not (need_q or need_k):
@@ -100,11 +105,19 @@ class CausalBlockAttention(torch.autograd.Function):
             d_scores.sub_(delta[:, :, :, r0:r1].reshape(batch, kv_heads, -1, 1)).mul_(p).mul_(ctx.scale)
             d_scores = d_scores.to(q.dtype)
             if need_q:
-                d_q[:, :, :, r0:r1] = (d_scores @ k[:, :, :r1]).view(batch, kv_heads, group, r1 - r0, dim)
+                grouped_d_q[:, :, :, r0:r1] = (d_scores @ k[:, :, :r1]).view(batch, kv_heads, group, r1 - r0, dim)
             if need_k:
+                rows_q = grouped_q[:, :, :, r0:r1].reshape(batch, kv_heads, -1, dim)
                 d_k[:, :, :r1] += d_scores.transpose(-1, -2) @ rows_q
-        return (d_q.view(batch, heads, length, dim) if need_q else None,
-                d_k.to(k.dtype) if need_k else None, d_v.to(v.dtype) if need_v else None, None)
+        return (d_q if need_q else None,
+                _like_input(k).copy_(d_k) if need_k else None,
+                _like_input(v).copy_(d_v) if need_v else None, None)
+
+
+def _like_input(x: torch.Tensor) -> torch.Tensor:
+    """An empty [B, heads, T, D] tensor laid out as [B, T, heads, D], as transformers' inputs are."""
+    batch, heads, length, dim = x.shape
+    return torch.empty(batch, length, heads, dim, dtype=x.dtype, device=x.device).transpose(1, 2)
 
 
 def causal_block_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
