@@ -1,26 +1,47 @@
-"""CpuDropout: nn.Dropout's behaviour (rate, scale, gradient, eval, seeding) with cheaper masks."""
+"""CpuDropout: nn.Dropout's behaviour (rate, independence, scale, gradient, eval, seeding), drawn as gaps."""
+
+import math
 
 import pytest
 import torch
 
-from alpaca_tune.cpu_dropout import CpuDropout, use_cpu_dropout
+from alpaca_tune.cpu_dropout import CpuDropout, dropped_positions, use_cpu_dropout
 
 
-def test_drop_rate_and_scale_match_nn_dropout_in_every_lane():
+def _drop_statistics(dropped: torch.Tensor, p: float, n: int):
+    """Checks that `dropped` (bool, n elements) looks like n independent Bernoulli(p) trials."""
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert dropped.float().mean().item() == pytest.approx(p, abs=5 * sigma)
+    # no position decides its neighbour's fate: adjacent drops as often as chance says
+    both = (dropped[:-1] & dropped[1:]).float().mean().item()
+    assert both == pytest.approx(p ** 2, rel=0.2)
+    # kept runs between drops are geometric: P(run >= k) = (1 - p)^k
+    runs = torch.diff(torch.nonzero(dropped).squeeze(1)) - 1
+    for k in (1, round(1 / p), round(3 / p)):
+        assert (runs >= k).float().mean().item() == pytest.approx((1 - p) ** k, rel=0.1)
+
+
+def test_drop_rate_scale_and_independence_match_nn_dropout():
     torch.manual_seed(0)
     dropout = CpuDropout(0.05)
-    assert dropout.p == pytest.approx(0.05, abs=1 / 65536)
     out = dropout(torch.ones(1 << 20))
     kept = out != 0
-    assert torch.all(out[kept] == 1 / (1 - dropout.p))  # survivors scaled exactly as nn.Dropout does
-    sigma = (dropout.p * (1 - dropout.p) / out.numel()) ** 0.5
-    assert (1 - kept.float().mean()).item() == pytest.approx(dropout.p, abs=5 * sigma)
-    # each 64-bit draw serves 4 neighbouring elements: every one of those lanes drops at rate p
-    lanes = (~kept).float().view(-1, 4).mean(0)
-    assert torch.all((lanes - dropout.p).abs() < 5 * 2 * sigma), lanes
-    # and no lane decides another's fate (adjacent drops as often as chance says)
-    both = ((~kept[:-1]) & (~kept[1:])).float().mean().item()
-    assert both == pytest.approx(dropout.p ** 2, rel=0.2)
+    assert torch.all(out[kept] == 1 / (1 - 0.05))  # survivors scaled exactly as nn.Dropout does
+    _drop_statistics(~kept, 0.05, out.numel())
+    # the first and the last elements are dropped too, at the same rate (no edge effects)
+    torch.manual_seed(1)
+    edges = torch.stack([dropout(torch.ones(50))[[0, -1]] == 0 for _ in range(4000)]).float().mean(0)
+    assert torch.all((edges - 0.05).abs() < 5 * (0.05 * 0.95 / 4000) ** 0.5), edges
+
+
+def test_positions_drawn_in_several_batches_keep_the_same_distribution():
+    torch.manual_seed(2)
+    n, p = 200_000, 0.3
+    positions = dropped_positions(n, p, math.log1p(-p), batch=1000)  # ~60 batches
+    assert torch.all(positions[1:] > positions[:-1]) and 0 <= positions[0] and positions[-1] < n
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[positions] = True
+    _drop_statistics(dropped, p, n)
 
 
 def test_gradient_is_the_same_mask_and_scale():
