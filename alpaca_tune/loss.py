@@ -86,8 +86,8 @@ class HeadCrossEntropy(torch.autograd.Function):
             h, t = hidden[start:start + rows], targets[start:start + rows]
             logits = (h @ weight.t()).float()  # [rows, V]
             # One fused softmax gives both the loss (-log p at the targets) and its gradient
-            # (p minus the one-hot targets): ~2.5x less time per chunk than log-softmax followed
-            # by exp on this CPU, whose passes over the chunk dominate once the product is done.
+            # (p minus the one-hot targets): ~2.5x less element-wise time per chunk than
+            # log-sum-exp followed by a second exp (BENCHMARKS.md, "Fewer passes over memory").
             probs = torch.softmax(logits, dim=-1)
             total += _target_losses(logits, probs, t).sum()
             if want_hidden or want_weight:
