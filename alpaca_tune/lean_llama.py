@@ -2,16 +2,18 @@
 
 Why not transformers' model here (figures in BENCHMARKS.md): importing transformers and PEFT is
 ~4 s of the server's start-up, and decoding one token is a matrix-vector product per weight
-matrix, which PyTorch's CPU kernels stream from memory at ~11 GB/s on the project's machine while
-numpy's OpenBLAS streams ~20 GB/s. So this module reads the same safetensors, merges the adapter
-(lora_merge.py), fuses q/k/v and gate/up into one product each (stored [in, out]), keeps a
-preallocated KV cache, and runs the step in numpy: the products on OpenBLAS, and the small ops
-too (norms, rotary, one token's attention), because torch's overhead per call (~5-10 us, ~25 calls
+matrix, which PyTorch's CPU kernels stream from memory at ~11 GB/s on the project's machine.
+So this module reads the same safetensors, merges the adapter (lora_merge.py), fuses q/k/v and
+gate/up into one product each, keeps a preallocated KV cache, and runs the step in numpy. A new
+token's products run on cpu_matvec.py's kernels, over weights kept in the checkpoint's dtype
+(bf16/fp16/fp32; a matrix with an adapter merged into it is fp32), widened to fp32 in registers;
+the prompt's products (many rows at once) on OpenBLAS in fp32. The small ops run in numpy too
+(norms, rotary, one token's attention), because torch's overhead per call (~5-10 us, ~25 calls
 a layer) on vectors this small was a fifth of each step. Only the prompt's attention (many
 tokens at once) and the rotary angles go through torch.
 
 Only what the Llama family needs: RMSNorm, rotary embeddings (default, linear and llama3
-scaling), grouped-query attention, SiLU MLP, tied or separate output head, fp32 on CPU. Anything
+scaling), grouped-query attention, SiLU MLP, tied or separate output head, on CPU. Anything
 else is served by transformers instead (`unsupported_reason`). tests/test_lean_llama.py compares
 logits and greedy tokens with transformers' LlamaForCausalLM.
 """
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cpu_matvec import Matrix, WeightArena, warm_up
 from .errors import UserError
 from .lora_merge import merge_lora
 
@@ -94,20 +97,21 @@ def inverse_frequencies(config: dict, head_dim: int) -> torch.Tensor:
 
 @dataclass
 class Layer:
-    """One decoder layer's weights (numpy fp32). Each product in the layout OpenBLAS streams faster
-    for its shape, measured: [in, out] (x @ W) for all but `down`, whose long input rows stream 2x
-    faster as nn.Linear's [out, in] (x @ W.T: 3.7 vs 7.3 ms a token for SmolLM2's 30 layers)."""
+    """One decoder layer's weights: norms in fp32, products as cpu_matvec Matrices [out, in]."""
     input_norm: np.ndarray
-    qkv: np.ndarray  # [hidden, q_dim + 2 kv_dim]: q, k, v side by side
-    o: np.ndarray
+    qkv: Matrix  # [q_dim + 2 kv_dim, hidden]: q, k, v stacked
+    o: Matrix
     post_norm: np.ndarray
-    gate_up: np.ndarray  # [hidden, 2 intermediate]: gate, up side by side
-    down: np.ndarray  # [hidden, intermediate], nn.Linear's own layout
+    gate_up: Matrix  # [2 intermediate, hidden]: gate, up stacked
+    down: Matrix
 
 
-def _input_major(*weights: torch.Tensor) -> np.ndarray:
-    """nn.Linear weights [out, in] -> one [in, sum of outs] matrix."""
-    return torch.cat(weights).t().contiguous().numpy()
+def _product(x: np.ndarray, weight: Matrix) -> np.ndarray:
+    """x [T, in] @ weight.T -> [T, out] in fp32: one token by the streaming kernel, a prompt by
+    OpenBLAS on an fp32 copy of the weight (made once per matrix per prompt)."""
+    if x.shape[0] == 1:
+        return weight.matvec(x[0])[None]
+    return x @ weight.float32().T
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
@@ -168,28 +172,34 @@ class LeanLlama:
 
         def take(name: str) -> torch.Tensor:
             try:
-                return state.pop(name).float().contiguous()
+                return state.pop(name)
             except KeyError:
                 raise LeanModelError(f"the base model's weights lack {name}") from None
 
-        embed = take("model.embed_tokens.weight")  # [vocab, hidden]
-        self.layers = []
+        def norm(name: str) -> np.ndarray:
+            return take(name).float().contiguous().numpy()
+
+        # Every product's weight, q/k/v and gate/up stacked, copied into one arena in the
+        # checkpoint's dtype (cpu_matvec.py); each source tensor is dropped once copied.
+        tied = config.get("tie_word_embeddings") or "lm_head.weight" not in state
+        names = [["model.embed_tokens.weight"]] if tied else [["model.embed_tokens.weight"], ["lm_head.weight"]]
         for i in range(config["num_hidden_layers"]):
             p = f"model.layers.{i}."
-            self.layers.append(Layer(
-                input_norm=take(p + "input_layernorm.weight").numpy(),
-                qkv=_input_major(*(take(p + f"self_attn.{n}_proj.weight") for n in "qkv")),
-                o=_input_major(take(p + "self_attn.o_proj.weight")),
-                post_norm=take(p + "post_attention_layernorm.weight").numpy(),
-                gate_up=_input_major(take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")),
-                down=take(p + "mlp.down_proj.weight").numpy()))
-        self.norm = take("model.norm.weight").numpy()
-        head = state.pop("lm_head.weight", None)
-        tied = config.get("tie_word_embeddings") or head is None
-        # The head is stored [hidden, vocab] like the other products; a tied model keeps only that
-        # copy and looks its embeddings up as columns (a few per step: cheap).
-        self.head_t = _input_major(embed if tied else head.float())
-        self.embed_t = self.head_t if tied else embed.t().numpy()
+            names += [[p + f"self_attn.{n}_proj.weight" for n in "qkv"], [p + "self_attn.o_proj.weight"],
+                      [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [p + "mlp.down_proj.weight"]]
+        missing = next((name for group in names for name in group if name not in state), None)
+        if missing:
+            raise LeanModelError(f"the base model's weights lack {missing}")
+        arena = WeightArena([[state[name] for name in group] for group in names])
+        matrices = [arena.store([take(name) for name in group]) for group in names]
+        # A tied model keeps one copy for both: embeddings are a few rows a step, the head every row.
+        self.embed = matrices.pop(0)
+        self.head = self.embed if tied else matrices.pop(0)
+        self.layers = [Layer(norm(f"model.layers.{i}.input_layernorm.weight"), *matrices[4 * i:4 * i + 2],
+                             norm(f"model.layers.{i}.post_attention_layernorm.weight"), *matrices[4 * i + 2:4 * i + 4])
+                       for i in range(config["num_hidden_layers"])]
+        self.norm = norm("model.norm.weight")
+        state.pop("lm_head.weight", None)  # a tied model may store the head too: the same weights
         state.pop("model.rotary_emb.inv_freq", None)  # older checkpoints store it; recomputed above
         if state:
             raise LeanModelError(f"unexpected weights in the base model: {sorted(state)[:5]}")
@@ -199,20 +209,23 @@ class LeanLlama:
         config = read_config(base_dir)
         state = load_safetensors(Path(base_dir))
         if adapter_dir is not None:
-            for name, tensor in state.items():  # merge in fp32, the dtype served
-                state[name] = tensor.float()
-            merge_lora(state, adapter_dir)
+            merge_lora(state, adapter_dir)  # merged matrices become fp32; the rest keep their dtype
         has_generation_config = (Path(base_dir) / "generation_config.json").exists()
         generation_config = read_config(base_dir, "generation_config.json") if has_generation_config else None
-        return cls(config, state, generation_config)
+        model = cls(config, state, generation_config)
+        # numba's first call costs ~0.2 s (loading its cached machine code): paid here, not by the
+        # first token. Not in a thread while the weights load: coglet then lost the setup's later
+        # log lines (tests/test_http_predict.py), for ~no gain in start-up measured.
+        warm_up()
+        return model
 
     @property
     def weight_bytes(self) -> int:
         """Bytes read per decoded token: every weight once (a tied head counted once)."""
-        arrays = {a.ctypes.data: a for a in (self.embed_t, self.head_t, self.norm)}
+        weights = {id(w): w for w in (self.head, self.norm)}  # embeddings: a few rows, not counted
         for layer in self.layers:
-            arrays.update((a.ctypes.data, a) for a in vars(layer).values())
-        return sum(a.nbytes for a in arrays.values())
+            weights.update((id(w), w) for w in vars(layer).values())
+        return sum(w.nbytes for w in weights.values())
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(len(self.layers), self.kv_heads, self.head_dim, capacity)
@@ -242,21 +255,21 @@ class LeanLlama:
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos().numpy(), angles.sin().numpy()
         heads, kv_heads = self.heads, self.kv_heads
-        x = self.embed_t[:, ids].T.copy()  # [T, hidden]
+        x = self.embed.rows(ids)  # [T, hidden] fp32
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, self.eps)
-            qkv = (h @ layer.qkv).reshape(count, heads + 2 * kv_heads, self.head_dim).transpose(1, 0, 2)
+            qkv = _product(h, layer.qkv).reshape(count, heads + 2 * kv_heads, self.head_dim).transpose(1, 0, 2)
             qk = _rotate(qkv[:heads + kv_heads], cos, sin)  # q and k heads in one go
             q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
             keys_t, values = cache.extend(index, k, v)
             # several ids only go into an empty cache (checked above): the prompt attends to itself
             attended = self._attend_prompt(q, k, v) if count > 1 else self._attend_one(q, keys_t, values)
-            x = x + attended @ layer.o
+            x = x + _product(attended, layer.o)
             h = _rms_norm(x, layer.post_norm, self.eps)
-            gate_up = h @ layer.gate_up
-            x = x + (_silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:]) @ layer.down.T
+            gate_up = _product(h, layer.gate_up)
+            x = x + _product(_silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:], layer.down)
         cache.length += count
-        return _rms_norm(x[-1:], self.norm, self.eps)[0] @ self.head_t
+        return _product(_rms_norm(x[-1:], self.norm, self.eps), self.head)[0]
 
     def _attend_prompt(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
         """The prompt into an empty cache: q [heads, T, D], keys/values [kv_heads, T, D] -> [T, heads * D].

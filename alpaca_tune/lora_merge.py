@@ -50,7 +50,8 @@ def unmergeable_reason(config: dict) -> str | None:
 
 
 def merge_lora(state: dict[str, torch.Tensor], adapter_dir: Path) -> int:
-    """Add the adapter's products into `state` (HF parameter names) in place; returns how many."""
+    """Add the adapter's products into `state` (HF parameter names); each merged weight becomes
+    fp32, whatever the base's dtype. Returns how many were merged."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -76,7 +77,8 @@ def merge_lora(state: dict[str, torch.Tensor], adapter_dir: Path) -> int:
         target = state.get(module + ".weight")
         if up is None or target is None or target.shape != (up.shape[0], down.shape[1]):
             raise AdapterError(f"{path}: {module} does not fit the base model (wrong base for this adapter?)")
-        target += scaling * (up.float() @ down.float()).to(target.dtype)
+        # in fp32: rounding W + scaling * B @ A back to a bf16 base would lose most of the adapter
+        state[module + ".weight"] = target.float() + scaling * (up.float() @ down.float())
         merged += 1
     if not merged:
         raise AdapterError(f"{path}: holds no LoRA weights")

@@ -82,7 +82,7 @@ def assert_lean_serving_matches_reference(out_dir: Path, shards, params: dict, v
     from alpaca_tune.lean_llama import LeanLlama
 
     lean = LeanLlama.load(out_dir)
-    tokens = torch.randint(0, lean.head_t.shape[1], (1, 12), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, lean.head.shape[0], (1, 12), generator=torch.Generator().manual_seed(1))
     expected = ref.forward([{k: v.float() for k, v in s.items()} for s in shards], ref_config(params, version), tokens)[0]
     ids = tokens[0].tolist()
     cache = lean.new_cache(len(ids))

@@ -47,6 +47,11 @@ def test_logits_at_every_step_equal_transformers(tmp_path, tiny_tokenizer_dir, v
     reference = save_model(tmp_path, tiny_tokenizer_dir, **VARIANTS[variant])
     lean = LeanLlama.load(tmp_path)
     continuation = [50, 61, 72, 83, 94, 105, 30, 31, 32, 33, 34, 35]  # past the llama3 original context of 16
+    assert_equal_through_the_cache(lean, reference, continuation)
+
+
+def assert_equal_through_the_cache(lean, reference, continuation):
+    """The prompt at once, then the continuation a token at a time: logits at every step."""
     with torch.no_grad():
         expected = reference(input_ids=torch.tensor([PROMPT + continuation])).logits[0]
     cache = lean.new_cache(len(PROMPT) + len(continuation))
@@ -76,6 +81,43 @@ def test_greedy_tokens_equal_transformers_generate(tmp_path, tiny_tokenizer_dir)
     assert ours == theirs and len(set(ours)) > 3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_checkpoint_is_served_in_its_dtype_with_fp32_results(tmp_path, tiny_tokenizer_dir, dtype):
+    """bf16/fp16 weights stay 16-bit (half the bytes a token reads) and give what transformers
+    gives with the same weights widened to fp32, token by token through the cache."""
+    from transformers import LlamaForCausalLM
+
+    save_model(tmp_path, tiny_tokenizer_dir, tie_word_embeddings=True).to(dtype).save_pretrained(str(tmp_path))
+    reference = LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    lean = LeanLlama.load(tmp_path)
+    assert {layer.qkv.dtype for layer in lean.layers} == {str(dtype).removeprefix("torch.")}
+    assert lean.weight_bytes == sum(p.numel() * (4 if "norm" in n else 2)  # norms are kept fp32
+                                    for n, p in reference.named_parameters())
+    assert_equal_through_the_cache(lean, reference, [50, 61, 72, 83])
+
+
+def test_an_adapter_on_a_bf16_base_is_merged_in_fp32(tmp_path, tiny_tokenizer_dir):
+    """Rounding W + BA back to bf16 would lose most of the adapter: merged matrices become fp32,
+    the others stay bf16, and the logits equal PEFT's over the widened base."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    save_model(tmp_path / "base", tiny_tokenizer_dir).to(torch.bfloat16).save_pretrained(str(tmp_path / "base"))
+    base = LlamaForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(str(tmp_path / "adapter"))
+    fresh = LlamaForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
+    reference = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([PROMPT])).logits[0, -1]
+    lean = LeanLlama.load(tmp_path / "base", tmp_path / "adapter")
+    assert {(layer.qkv.dtype, layer.o.dtype, layer.gate_up.dtype) for layer in lean.layers} == \
+        {("float32", "bfloat16", "bfloat16")}
+    got = lean.forward(PROMPT, lean.new_cache(len(PROMPT)))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_a_wrong_rotary_layout_is_caught(tmp_path, tiny_tokenizer_dir):
     """Negative control: the comparison above notices a rope that differs from transformers'."""
     reference = save_model(tmp_path, tiny_tokenizer_dir)
@@ -96,7 +138,7 @@ def test_silu_in_numpy_equals_torch_where_exp_overflows():
 def test_huge_activations_give_finite_logits_and_no_warnings(tmp_path, tiny_tokenizer_dir):
     save_model(tmp_path, tiny_tokenizer_dir)
     lean = LeanLlama.load(tmp_path)
-    lean.layers[0].gate_up[:, :lean.intermediate] *= 1e4  # gate inputs far below -88: exp overflows
+    lean.layers[0].gate_up.bits[:lean.intermediate] *= 1e4  # gate inputs far below -88: exp overflows
     cache = lean.new_cache(len(PROMPT) + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
