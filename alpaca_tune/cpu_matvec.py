@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange, types
@@ -67,10 +68,18 @@ BITS = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.int16}
 
 def warm_up() -> None:
     """Load every kernel (numba's first call costs ~0.2 s: its compiler and the cached machine
-    code), so that the first token does not pay for it."""
+    code), so that the first token does not pay for it. On one thread: with numba's second
+    (OpenMP) thread started here, coglet lost the setup's last log line in about half of the
+    server starts (tests/test_http_predict.py), likely because that thread spins on the other core
+    for a while after each parallel call, just when coglet's own threads need it."""
     x = np.zeros(4, dtype=np.float32)
-    for bits in BITS.values():
-        _matvec(np.zeros((1, 4), dtype=bits), x, np.empty(1, np.float32))
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        for bits in BITS.values():
+            _matvec(np.zeros((1, 4), dtype=bits), x, np.empty(1, np.float32))
+    finally:
+        numba.set_num_threads(threads)
 
 
 class Matrix:

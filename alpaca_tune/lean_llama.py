@@ -214,8 +214,8 @@ class LeanLlama:
         generation_config = read_config(base_dir, "generation_config.json") if has_generation_config else None
         model = cls(config, state, generation_config)
         # numba's first call costs ~0.2 s (loading its cached machine code): paid here, not by the
-        # first token. Not in a thread while the weights load: coglet then lost the setup's later
-        # log lines (tests/test_http_predict.py), for ~no gain in start-up measured.
+        # first token. (Not in a thread while the weights load: no start-up gain measured, and
+        # coglet then lost the setup's later log lines.)
         warm_up()
         return model
 
