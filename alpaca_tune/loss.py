@@ -61,9 +61,12 @@ def _plain_head(causal_lm, head) -> bool:
             and getattr(causal_lm.config, "logit_scale", None) is None)
 
 
-# Rows per chunk: enough to keep the matmuls efficient, few enough that a chunk's fp32 logits
-# (rows x vocabulary) stay around 32 MB, which the allocator can reuse from chunk to chunk.
-CHUNK_ELEMENTS = 8 * 1024 * 1024
+# Rows per chunk: enough to keep the products efficient, few enough that a chunk's fp32 logits
+# (rows x vocabulary) stay at ~80 MB (426 rows of SmolLM2's vocabulary, 655 of LLaMA's), which
+# the allocator reuses from chunk to chunk. Measured for SmolLM2's head (forward +
+# backward, bf16 on CPU, alternating): 10% faster than the 170 rows of a 32 MB bound (161 -> 138
+# ms for 400 rows, 260 -> 232 ms for 700) and than 640 rows; equal-sized chunks gained nothing.
+CHUNK_ELEMENTS = 20 * 1024 * 1024
 
 
 class HeadCrossEntropy(torch.autograd.Function):
