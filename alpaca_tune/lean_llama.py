@@ -7,7 +7,7 @@ So this module reads the same safetensors, merges the adapter (lora_merge.py), f
 gate/up into one product each, keeps a preallocated KV cache, and runs the step in numpy. A new
 token's products run on cpu_matvec.py's kernels, over weights kept in the checkpoint's dtype
 (bf16/fp16/fp32; a matrix with an adapter merged into it is fp32), widened to fp32 in registers;
-the prompt's products (many rows at once) on OpenBLAS in fp32. The small ops run in numpy too
+the prompt's products (many rows at once) on torch's in fp32. The small ops run in numpy too
 (norms, rotary, one token's attention), because torch's overhead per call (~5-10 us, ~25 calls
 a layer) on vectors this small was a fifth of each step. Only the prompt's attention (many
 tokens at once) and the rotary angles go through torch.
@@ -105,13 +105,19 @@ class Layer:
     gate_up: Matrix  # [2 intermediate, hidden]: gate, up stacked
     down: Matrix
 
+    def products(self) -> tuple[Matrix, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
 
-def _product(x: np.ndarray, weight: Matrix) -> np.ndarray:
+
+def _product(x: np.ndarray, weight: Matrix, scratch: np.ndarray) -> np.ndarray:
     """x [T, in] @ weight.T -> [T, out] in fp32: one token by the streaming kernel, a prompt by
-    OpenBLAS on an fp32 copy of the weight (made once per matrix per prompt)."""
+    torch in fp32 (a 16-bit weight widened into `scratch` first, once per matrix per prompt).
+    Not OpenBLAS for the prompt: its threads spin ~0.1 s after a product and slowed the first
+    tokens after every prompt 2-6x (fighting numba's threads); torch's prompt was as fast at 51
+    and 500 tokens and ~20% faster at 2,000 (BENCHMARKS.md)."""
     if x.shape[0] == 1:
         return weight.matvec(x[0])[None]
-    return x @ weight.float32().T
+    return (torch.from_numpy(x) @ torch.from_numpy(weight.float32(scratch)).T).numpy()
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
@@ -199,6 +205,9 @@ class LeanLlama:
                              norm(f"model.layers.{i}.post_attention_layernorm.weight"), *matrices[4 * i + 2:4 * i + 4])
                        for i in range(config["num_hidden_layers"])]
         self.norm = norm("model.norm.weight")
+        # room for the largest 16-bit layer weight widened to fp32 (the head only ever sees one row)
+        widened = [w.bits.size for layer in self.layers for w in layer.products() if w.dtype != "float32"]
+        self.scratch = np.empty(max(widened, default=0), np.float32)
         state.pop("lm_head.weight", None)  # a tied model may store the head too: the same weights
         state.pop("model.rotary_emb.inv_freq", None)  # older checkpoints store it; recomputed above
         if state:
@@ -232,11 +241,12 @@ class LeanLlama:
 
     def forward(self, ids: list[int], cache: KVCache) -> torch.Tensor:
         """Feed the next ids (all of the prompt, then one at a time); logits [vocab] of the last."""
-        # The products run on OpenBLAS's threads. torch's own threads would spin between its
-        # ops and starve them (measured 4 instead of 25 tokens/s), so torch keeps to the calling
-        # thread meanwhile.
+        # A new token's products run on numba's threads. torch's own threads would spin between
+        # its ops and starve them (measured 4 instead of 25 tokens/s, with OpenBLAS then), so
+        # torch keeps to the calling thread meanwhile; a prompt's products are torch's, on all
+        # its threads.
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        torch.set_num_threads(1 if len(ids) == 1 else threads)
         try:
             with np.errstate(over="ignore"):  # _silu's exp: overflow to inf is intended
                 return torch.from_numpy(self._forward(ids, cache))
@@ -258,18 +268,19 @@ class LeanLlama:
         x = self.embed.rows(ids)  # [T, hidden] fp32
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, self.eps)
-            qkv = _product(h, layer.qkv).reshape(count, heads + 2 * kv_heads, self.head_dim).transpose(1, 0, 2)
+            qkv = _product(h, layer.qkv, self.scratch).reshape(count, heads + 2 * kv_heads, self.head_dim).transpose(1, 0, 2)
             qk = _rotate(qkv[:heads + kv_heads], cos, sin)  # q and k heads in one go
             q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
             keys_t, values = cache.extend(index, k, v)
             # several ids only go into an empty cache (checked above): the prompt attends to itself
             attended = self._attend_prompt(q, k, v) if count > 1 else self._attend_one(q, keys_t, values)
-            x = x + _product(attended, layer.o)
+            x = x + _product(attended, layer.o, self.scratch)
             h = _rms_norm(x, layer.post_norm, self.eps)
-            gate_up = _product(h, layer.gate_up)
-            x = x + _product(_silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:], layer.down)
+            gate_up = _product(h, layer.gate_up, self.scratch)
+            x = x + _product(_silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:], layer.down,
+                             self.scratch)
         cache.length += count
-        return _product(_rms_norm(x[-1:], self.norm, self.eps), self.head)[0]
+        return self.head.matvec(_rms_norm(x[-1:], self.norm, self.eps)[0])
 
     def _attend_prompt(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
         """The prompt into an empty cache: q [heads, T, D], keys/values [kv_heads, T, D] -> [T, heads * D].
