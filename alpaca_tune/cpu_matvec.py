@@ -66,9 +66,10 @@ def _matvec(weight, x, out):
 BITS = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.int16}
 
 
-def warm_up() -> None:
-    """Load every kernel (numba's first call costs ~0.2 s: its compiler and the cached machine
-    code), so that the first token does not pay for it. On one thread: with numba's second
+def warm_up(dtypes: set[str]) -> None:
+    """Load the kernel for each stored dtype in `dtypes` (numba's first call costs ~0.2 s: its
+    compiler and the cached machine code; ~1 s a dtype on the first start after an install, when
+    it compiles), so that the first token does not pay for it. On one thread: with numba's second
     (OpenMP) thread started here, coglet lost the setup's last log line in about half of the
     server starts (tests/test_http_predict.py), likely because that thread spins on the other core
     for a while after each parallel call, just when coglet's own threads need it."""
@@ -76,8 +77,8 @@ def warm_up() -> None:
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        for bits in BITS.values():
-            _matvec(np.zeros((1, 4), dtype=bits), x, np.empty(1, np.float32))
+        for dtype in dtypes:
+            _matvec(np.zeros((1, 4), dtype=BITS[dtype]), x, np.empty(1, np.float32))
     finally:
         numba.set_num_threads(threads)
 

@@ -225,7 +225,7 @@ class LeanLlama:
         # numba's first call costs ~0.2 s (loading its cached machine code): paid here, not by the
         # first token. (Not in a thread while the weights load: no start-up gain measured, and
         # coglet then lost the setup's later log lines.)
-        warm_up()
+        warm_up({model.head.dtype} | {w.dtype for layer in model.layers for w in layer.products()})
         return model
 
     @property

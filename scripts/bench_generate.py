@@ -119,6 +119,7 @@ def main() -> None:
     # a bf16/fp16 checkpoint in its dtype (the same bytes for the embedded fp32 SmolLM2).
     per_token = weight_bytes(model)
     ours_per_token = getattr(served.model, "weight_bytes", per_token)
+    reads = {"ours": ours_per_token}  # the others read `per_token`
     buffer = torch.ones(1024 * 1024 * 1024 // 4, dtype=torch.float32)  # 1 GB, far beyond the caches
 
     def bound(gbs: float, weight_bytes_read: int = per_token) -> float:
@@ -133,11 +134,10 @@ def main() -> None:
         for name, timer, subject in decoders:
             timer(subject, prompt_ids, 8)  # warm-up
             runs = []
-            read = ours_per_token if name == "ours" else per_token
             for _ in range(args.repeats):
                 bandwidths.append(measure_bandwidth_gbs(buffer))
                 ttft, rate = timer(subject, prompt_ids, args.new_tokens)
-                runs.append((ttft, rate, rate / bound(bandwidths[-1], read)))
+                runs.append((ttft, rate, rate / bound(bandwidths[-1], reads.get(name, per_token))))
             rows[name] = tuple(statistics.median(run[i] for run in runs) for i in range(3))
     print(f"model {model.config.architectures[0]} {per_token / 1e6:.0f} MB of weights ({model.dtype}), "
           f"prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
@@ -150,8 +150,7 @@ def main() -> None:
     # highest bandwidth seen in this run, the strictest reading of a drifting machine
     print(f"{'decoder':16} {'TTFT':>8} {'tokens/s':>9} {'of bound':>9} {'of peak':>8}")
     for name, (ttft, rate, share) in rows.items():
-        peak = bound(high, ours_per_token if name == "ours" else per_token)
-        shown = f"{share:9.0%} {rate / peak:8.0%}" if "x" not in name else f"{'(batch)':>9}"
+        shown = f"{share:9.0%} {rate / bound(high, reads.get(name, per_token)):8.0%}" if "x" not in name else f"{'(batch)':>9}"
         print(f"{name:16} {ttft * 1000:6.0f}ms {rate:9.1f} {shown}")
     print(f"\nours / hf-generate: {rows['ours'][1] / rows['hf-generate'][1]:.2f}x tokens/s")
 
