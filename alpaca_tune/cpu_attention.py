@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from . import shared_prefix
+
 NAME = "cpu_causal_blocks"
 
 # Query rows per block: measured per layer at 128-512 tokens, 48-64 was fastest (128 up to 1.3x
@@ -40,15 +42,17 @@ def block_bounds(length: int) -> list[int]:
 
 
 class CausalBlockAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + causal mask) v for q [B, H, T, D], k and v [B, KV, T, D] (H a
-    multiple of KV), all of one dtype; returns [B, H, T, D]. Saves the probabilities (in q's
-    dtype) for backward instead of recomputing them."""
+    """softmax(q k^T * scale + causal mask) v for q [B, H, T, D], k and v [B, KV, S, D] (H a
+    multiple of KV, S >= T), all of one dtype; returns [B, H, T, D]. The queries are the last T of
+    the S positions (S > T when keys of a shared prefix come first, shared_prefix.py). Saves the
+    probabilities (in q's dtype) for backward instead of recomputing them."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float):
         batch, heads, length, dim = q.shape
         kv_heads = k.shape[1]
         group = heads // kv_heads
+        offset = k.shape[2] - length  # keys before the first query's position
         # transformers hands over transposed views of [B, T, heads, D]. Query head h uses key/value
         # head h // group, so each kv head's queries are its group's rows: q as [B, KV, G, T, D]
         # (a view), whose rows each block copies out in fp32, one pass over q in all.
@@ -63,13 +67,14 @@ class CausalBlockAttention(torch.autograd.Function):
         probs = []
         for r0, r1 in zip(bounds, bounds[1:]):
             rows = grouped_q[:, :, :, r0:r1].to(torch.float32, memory_format=torch.contiguous_format)
-            scores = rows.view(batch, kv_heads, -1, dim) @ keys_t[..., :r1]  # [B, KV, G*rows, r1], fp32
+            seen = offset + r1  # keys the block's last row may see
+            scores = rows.reshape(batch, kv_heads, -1, dim) @ keys_t[..., :seen]  # [B, KV, G*rows, seen], fp32
             scores.mul_(scale)
             # Only the block's own columns hold positions later than some of its rows.
             future = torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=q.device).triu(1)
-            scores.view(batch, kv_heads, -1, r1 - r0, r1)[..., r0:].masked_fill_(future, float("-inf"))
+            scores.view(batch, kv_heads, -1, r1 - r0, seen)[..., offset + r0:].masked_fill_(future, float("-inf"))
             p = torch.softmax(scores, dim=-1).to(q.dtype)
-            grouped_out[:, :, :, r0:r1] = (p @ v[:, :, :r1]).view(batch, kv_heads, group, r1 - r0, dim)
+            grouped_out[:, :, :, r0:r1] = (p @ v[:, :, :seen]).view(batch, kv_heads, group, r1 - r0, dim)
             probs.append(p)
         out = out.transpose(1, 2)
         ctx.save_for_backward(q, k, v, out, *probs)
@@ -84,6 +89,7 @@ class CausalBlockAttention(torch.autograd.Function):
         batch, heads, length, dim = q.shape
         kv_heads = k.shape[1]
         group = heads // kv_heads
+        offset = k.shape[2] - length
         # softmax backward needs rowsum(p * dp) per query; it equals rowsum(d_out * out), in fp32.
         delta = (d_out.float() * out).sum(-1).reshape(batch, kv_heads, group, length)
         grouped_d_out = d_out.reshape(batch, kv_heads, group, length, dim)
@@ -96,19 +102,20 @@ class CausalBlockAttention(torch.autograd.Function):
         d_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         bounds = block_bounds(length)
         for (r0, r1), p in zip(zip(bounds, bounds[1:]), probs):
+            seen = offset + r1
             rows_d_out = grouped_d_out[:, :, :, r0:r1].reshape(batch, kv_heads, -1, dim)
             if need_v:
-                d_v[:, :, :r1] += p.transpose(-1, -2) @ rows_d_out
+                d_v[:, :, :seen] += p.transpose(-1, -2) @ rows_d_out
             if not (need_q or need_k):
                 continue
-            d_scores = (rows_d_out @ v[:, :, :r1].transpose(-1, -2)).float()
+            d_scores = (rows_d_out @ v[:, :, :seen].transpose(-1, -2)).float()
             d_scores.sub_(delta[:, :, :, r0:r1].reshape(batch, kv_heads, -1, 1)).mul_(p).mul_(ctx.scale)
             d_scores = d_scores.to(q.dtype)
             if need_q:
-                grouped_d_q[:, :, :, r0:r1] = (d_scores @ k[:, :, :r1]).view(batch, kv_heads, group, r1 - r0, dim)
+                grouped_d_q[:, :, :, r0:r1] = (d_scores @ k[:, :, :seen]).view(batch, kv_heads, group, r1 - r0, dim)
             if need_k:
                 rows_q = grouped_q[:, :, :, r0:r1].reshape(batch, kv_heads, -1, dim)
-                d_k[:, :, :r1] += d_scores.transpose(-1, -2) @ rows_q
+                d_k[:, :, :seen] += d_scores.transpose(-1, -2) @ rows_q
         return (d_q if need_q else None,
                 _like_input(k).copy_(d_k) if need_k else None,
                 _like_input(v).copy_(d_v) if need_v else None, None)
@@ -121,15 +128,17 @@ def _like_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def causal_block_attention(q, k, v, scale: float | None = None) -> torch.Tensor:
-    """Causal attention [B, H, T, D] for q [B, H, T, D], k and v [B, KV, T, D]."""
+    """Causal attention [B, H, T, D] for q [B, H, T, D], k and v [B, KV, S, D] whose last T
+    positions are the queries'."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.autocast(q.device.type, enabled=False):  # its products pick their own dtypes
         return CausalBlockAttention.apply(q, k, v, scale)
 
 
 def _covers(module, query, key, attention_mask, dropout: float, kwargs) -> bool:
-    """Plain causal self-attention over the whole sequence: what causal_block_attention computes."""
-    return (attention_mask is None and query.shape[2] == key.shape[2] > 1 and dropout == 0.0
+    """Plain causal self-attention, the queries being the last positions (all of them, or all
+after a shared preamble): what causal_block_attention computes."""
+    return (attention_mask is None and key.shape[2] >= query.shape[2] > 1 and dropout == 0.0
             and kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
             and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
             and kwargs.get("cache") is None)
@@ -137,6 +146,7 @@ def _covers(module, query, key, attention_mask, dropout: float, kwargs) -> bool:
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                scaling: float | None = None, **kwargs):
+    key, value = shared_prefix.keys_for(module.layer_idx, key, value)  # a step's shared preamble
     if _covers(module, query, key, attention_mask, dropout, kwargs):
         output = causal_block_attention(query, key, value, scaling)
         return output.transpose(1, 2).contiguous(), None  # transformers wants [B, T, H, D]

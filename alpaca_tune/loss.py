@@ -39,11 +39,18 @@ def decoder_inputs(causal_lm, batch: dict[str, torch.Tensor]) -> dict[str, torch
     return {"input_ids": batch["input_ids"]}
 
 
-def label_loss(causal_lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of token cross-entropies over positions with a target, number of such positions)."""
-    hidden = causal_lm.get_decoder()(**decoder_inputs(causal_lm, batch),
-                                     use_cache=False).last_hidden_state  # [B, T, H]
+def label_loss(causal_lm, batch: dict[str, torch.Tensor], prefix=None,
+               micro_batch: int = 0) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies over positions with a target, number of such positions).
+    With a step's SharedPrefix (shared_prefix.py), only the positions after it are computed here."""
     targets = batch["targets"]
+    if prefix is None:
+        hidden = causal_lm.get_decoder()(**decoder_inputs(causal_lm, batch),
+                                         use_cache=False).last_hidden_state  # [B, T, H]
+    else:
+        with prefix.seen_by(micro_batch):
+            hidden = causal_lm.get_decoder()(**prefix.suffix_inputs(batch), use_cache=False).last_hidden_state
+        targets = targets[:, prefix.length:]  # the preamble's positions hold none
     keep = targets != IGNORE_INDEX  # [B, T]
     head = causal_lm.get_output_embeddings()
     if _plain_head(causal_lm, head):

@@ -30,6 +30,7 @@ from .model import attach_lora, load_model, load_tokenizer, pick_device, trainin
 from .progress import ProgressLog, plot_loss
 from .prompts import load_template
 from .settings import TrainSettings, validate
+from .shared_prefix import plan_shared_prefix, shared_prefix_usable
 from .tokenization import IGNORE_INDEX, Example, tokenize_records
 
 log = logging.getLogger("alpaca_tune.train")
@@ -125,26 +126,44 @@ def prepare_examples(records, settings: TrainSettings, tokenizer, template):
 
 def optimizer_step(model, causal_lm, batches: list[dict[str, torch.Tensor]], optimizer, scheduler,
                    max_grad_norm: float, device: torch.device,
-                   compute=contextlib.nullcontext) -> tuple[float, float, int, int]:
+                   compute=contextlib.nullcontext,
+                   share_prefix: bool = False) -> tuple[float, float, int, int]:
     """One optimizer step over its micro-batches: (mean loss per target token, the lr used,
     real tokens, computed tokens including padding)."""
-    step_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
-    loss_total, tokens, slots = 0.0, 0, 0
-    for batch in batches:
-        with compute():  # the forward only; backward follows the forward's dtypes
-            loss_sum, _ = label_loss(causal_lm, _to(batch, device))
-        # normalise by the whole step's target tokens, so accumulation equals one big batch
-        (loss_sum / max(step_targets, 1)).backward()
-        loss_total += loss_sum.item()
-        slots += batch["input_ids"].numel()
-        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    loss, tokens, slots = accumulate_gradients(causal_lm, batches, device, compute, share_prefix)
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_total / max(step_targets, 1), lr, tokens, slots
+    return loss, lr, tokens, slots
+
+
+def accumulate_gradients(causal_lm, batches: list[dict[str, torch.Tensor]], device: torch.device,
+                         compute=contextlib.nullcontext,
+                         share_prefix: bool = False) -> tuple[float, int, int]:
+    """The gradients of one step's mean loss per target token, added to the parameters' .grad:
+    (that loss, real tokens, computed tokens including padding). With share_prefix, a preamble that
+    the step's rows share is computed once (shared_prefix.py)."""
+    step_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
+    prefix = plan_shared_prefix(batches) if share_prefix else None
+    if prefix is not None:
+        prefix.to(device)
+        with compute():
+            prefix.compute(causal_lm)
+    loss_total, tokens, slots = 0.0, 0, 0
+    for index, batch in enumerate(batches):
+        with compute():  # the forward only; backward follows the forward's dtypes
+            loss_sum, _ = label_loss(causal_lm, _to(batch, device), prefix, index)
+        # normalise by the whole step's target tokens, so accumulation equals one big batch
+        (loss_sum / max(step_targets, 1)).backward()
+        loss_total += loss_sum.item()
+        slots += batch["input_ids"].numel()
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    if prefix is not None:
+        prefix.backward()
+    return loss_total / max(step_targets, 1), tokens, slots
 
 
 def run_training(settings: TrainSettings) -> TrainResult:
@@ -189,6 +208,7 @@ def run_training(settings: TrainSettings) -> TrainResult:
         log.info("resumed from %s at step %d", settings.resume_from_checkpoint, start_step)
 
     pad_id = tokenizer.pad_token_id
+    share_prefix = shared_prefix_usable(causal_lm, settings.packing, settings.gradient_checkpointing)
     meter = ProgressLog(total_steps, start_step, settings.logging_steps)
     log.info("training: %d steps (%d per epoch), micro-batch %d x %d accumulation, %s on %s",
              total_steps, plan.steps_per_epoch, settings.train_batch_size,
@@ -198,7 +218,7 @@ def run_training(settings: TrainSettings) -> TrainResult:
         batches = [make_batch([train_examples[i] for i in indices], settings.packing, pad_id)
                    for indices in plan.step(step)]
         loss, lr, tokens, slots = optimizer_step(model, causal_lm, batches, optimizer, scheduler,
-                                                 settings.max_grad_norm, device, compute)
+                                                 settings.max_grad_norm, device, compute, share_prefix)
         done = step + 1
         meter.step_done(done, loss, lr, tokens, history)
         history[-1]["padded_tokens"] = slots

@@ -49,3 +49,13 @@ def test_bench_attention_checks_agreement_and_reports_both():
     rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0].isdigit()]
     assert [row[0] for row in rows] == ["20", "70"]
     assert all(row[-1].endswith("x") and float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k_alpaca.json").exists(), reason="needs ../shared/data")
+def test_bench_shared_prefix_times_both_ways_of_the_same_steps(tiny_model_dir):
+    out = run_script("scripts/bench_shared_prefix.py", "--base_model", str(tiny_model_dir), "--examples", "32",
+                     "--rounds", "1")
+    assert "preambles shared in" in out and "token positions" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("tokens/s: whole rows") and last.endswith("x")

@@ -16,11 +16,12 @@ from alpaca_tune.loss import decoder_inputs
 from alpaca_tune.tokenization import IGNORE_INDEX, Example
 
 
-def _inputs(length, heads=4, kv_heads=2, dim=16, spread=1.0, seed=0):
-    """q, k, v as transformers hands them over: transposed views of [B, T, heads, D], bf16."""
+def _inputs(length, heads=4, kv_heads=2, dim=16, spread=1.0, seed=0, prefix=0):
+    """q, k, v as transformers hands them over: transposed views of [B, T, heads, D], bf16; k and
+    v with `prefix` more positions before the queries' (a shared prefix's keys)."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = ((torch.randn(2, length, n, dim, generator=g) * s).to(torch.bfloat16).transpose(1, 2)
-               for n, s in ((heads, spread), (kv_heads, spread), (kv_heads, 1.0)))
+    q, k, v = ((torch.randn(2, length + extra, n, dim, generator=g) * s).to(torch.bfloat16).transpose(1, 2)
+               for n, s, extra in ((heads, spread, 0), (kv_heads, spread, prefix), (kv_heads, 1.0, prefix)))
     return q, k, v
 
 
@@ -28,8 +29,11 @@ def _reference(q, k, v, d_out):
     """(output, dq, dk, dv) from SDPA in float64, key/value heads repeated for their query heads."""
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     group = q.shape[1] // k.shape[1]
+    length, keys = q.shape[2], k.shape[2]
+    # the queries are the last `length` positions: query i sees keys up to keys - length + i
+    visible = torch.ones(length, keys, dtype=torch.bool).tril(keys - length)
     out = F.scaled_dot_product_attention(leaves[0], leaves[1].repeat_interleave(group, 1),
-                                         leaves[2].repeat_interleave(group, 1), is_causal=True)
+                                         leaves[2].repeat_interleave(group, 1), attn_mask=visible)
     out.backward(d_out.double())
     return [out.detach()] + [t.grad for t in leaves]
 
@@ -43,8 +47,9 @@ def _run(attention, q, k, v, d_out):
 
 def _fp32_sdpa(q, k, v):
     group = q.shape[1] // k.shape[1]
+    visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(k.shape[2] - q.shape[2])
     return F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(group, 1),
-                                          v.float().repeat_interleave(group, 1), is_causal=True).to(q.dtype)
+                                          v.float().repeat_interleave(group, 1), attn_mask=visible).to(q.dtype)
 
 
 def _relative_errors(got, expected):
@@ -62,10 +67,12 @@ def test_block_bounds_cover_the_sequence_in_near_equal_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("block_rows", [7, 64])  # many uneven blocks; one block at these lengths
-@pytest.mark.parametrize("length,heads,kv_heads", [(2, 4, 2), (45, 4, 2), (60, 6, 2), (33, 4, 4)])
-def test_output_and_gradients_match_float64_reference(monkeypatch, block_rows, length, heads, kv_heads):
+@pytest.mark.parametrize("length,heads,kv_heads,prefix", [(2, 4, 2, 0), (45, 4, 2, 0), (60, 6, 2, 0), (33, 4, 4, 0),
+                                                          (1, 4, 2, 5), (45, 4, 2, 24), (60, 6, 2, 9)])
+def test_output_and_gradients_match_float64_reference(monkeypatch, block_rows, length, heads, kv_heads, prefix):
+    """Also with keys of a shared prefix before the queries' own (shared_prefix.py)."""
     monkeypatch.setattr(cpu_attention, "BLOCK_ROWS", block_rows)
-    q, k, v = _inputs(length, heads, kv_heads)
+    q, k, v = _inputs(length, heads, kv_heads, prefix=prefix)
     d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
     expected = _reference(q, k, v, d_out)
     got = _run(causal_block_attention, q, k, v, d_out)
