@@ -29,9 +29,9 @@ import torch
 
 from .tokenization import IGNORE_INDEX
 
-# A preamble pass is one more forward and backward through every layer; its fixed cost (kernel
-# launches, autograd) is about that of ~100 tokens of SmolLM2 on 2 cores, so sharing must save
-# more than that.
+# A preamble pass is one more forward and backward through every layer, whose fixed cost (op
+# dispatch, autograd) does not shrink with its few rows: 2 x 24 tokens of SmolLM2 took ~0.26 s on
+# 2 cores, the time of ~130 tokens in a step's micro-batches. Sharing must save more than that.
 MIN_SAVED_TOKENS = 128
 
 

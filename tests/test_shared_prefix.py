@@ -89,13 +89,14 @@ def test_sharing_gives_the_loss_and_gradients_of_whole_rows(tiny_model_dir, smal
     whole_loss, whole_tokens, whole = _loss_and_grads(model, batches, share=False)
     shared_loss, shared_tokens, shared = _loss_and_grads(model, batches, share=True)
     assert plan_shared_prefix(batches) is not None and shared_tokens == whole_tokens
-    # fp32: rounding only (the preamble's products run on fewer rows); bf16: bf16's own rounding
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    assert shared_loss == pytest.approx(whole_loss, rel=tolerance)
+    # fp32: rounding only (the preamble's products run on fewer rows: 4e-7 measured); bf16:
+    # bf16's rounding of the same (4e-3 measured)
+    loss_tolerance, grad_tolerance = (1e-6, 1e-5) if dtype == torch.float32 else (1e-3, 2e-2)
+    assert shared_loss == pytest.approx(whole_loss, rel=loss_tolerance)
     for name, grad in whole.items():
         assert grad.abs().max() > 0, name
         error = ((shared[name] - grad).norm() / grad.norm()).item()
-        assert error < tolerance * 5, f"{name}: relative error {error:.1e}"
+        assert error < grad_tolerance, f"{name}: relative error {error:.1e}"
     assert not shared_prefix._current  # nothing is left switched on after the step
 
 
