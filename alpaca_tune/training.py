@@ -209,6 +209,8 @@ def run_training(settings: TrainSettings) -> TrainResult:
 
     pad_id = tokenizer.pad_token_id
     share_prefix = shared_prefix_usable(causal_lm, settings.packing, settings.gradient_checkpointing)
+    if share_prefix:
+        log.info("a preamble shared by a step's rows (the prompt template's) is computed once per step")
     meter = ProgressLog(total_steps, start_step, settings.logging_steps)
     log.info("training: %d steps (%d per epoch), micro-batch %d x %d accumulation, %s on %s",
              total_steps, plan.steps_per_epoch, settings.train_batch_size,

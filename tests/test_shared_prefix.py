@@ -9,7 +9,7 @@ from alpaca_tune.batching import collate_padded
 from alpaca_tune.cpu_attention import use_cpu_attention
 from alpaca_tune.shared_prefix import plan_shared_prefix, shared_prefix_usable
 from alpaca_tune.tokenization import IGNORE_INDEX, Example
-from alpaca_tune.training import accumulate_gradients
+from alpaca_tune.training import accumulate_gradients, run_training
 
 PREAMBLES = ([5, 9, 13, 17, 21, 25, 29, 33, 37, 41], [5, 9, 13, 17, 21, 25, 29, 33, 60, 61])
 
@@ -142,3 +142,36 @@ def test_used_only_where_the_attention_can_take_it(tiny_model_dir):
     assert not shared_prefix_usable(causal_lm, packing=False, gradient_checkpointing=True)
     causal_lm.set_attn_implementation("sdpa")
     assert not shared_prefix_usable(causal_lm, packing=False, gradient_checkpointing=False)
+
+
+def test_a_training_run_shares_and_learns_what_whole_rows_learn(tiny_model_dir, write_json, tmp_path,
+                                                                 small_saving, monkeypatch, caplog):
+    """Through run_training (bf16 on CPU, where it is used): the steps do share a preamble, and
+    the losses step by step are those of the same run with whole rows."""
+    import dataclasses
+    import logging
+
+    from alpaca_tune import training
+    from alpaca_tune.model import bf16_supported
+    from alpaca_tune.settings import TrainSettings
+    from conftest import TINY_RECORDS
+
+    if not bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16: training runs fp32 without the blockwise attention")
+    settings = TrainSettings(train_data=str(write_json("train.json", TINY_RECORDS * 4)),
+                             base_model=str(tiny_model_dir), output_dir=str(tmp_path / "shared"),
+                             precision="bf16", learning_rate=5e-2, max_steps=4, train_batch_size=2,
+                             gradient_accumulation_steps=2, warmup_steps=0, val_set_size=0,
+                             lora_rank=4, lora_alpha=32, lora_dropout=0.0, logging_steps=1, seed=3)
+    plans = []
+    planned = training.plan_shared_prefix
+    monkeypatch.setattr(training, "plan_shared_prefix", lambda batches: plans.append(planned(batches)) or plans[-1])
+    with caplog.at_level(logging.INFO, logger="alpaca_tune.train"):
+        shared = run_training(settings)
+    assert any("computed once per step" in r.message for r in caplog.records)
+    assert len(plans) == 4 and all(plan is not None and plan.length > 8 for plan in plans)
+    monkeypatch.setattr(training, "shared_prefix_usable", lambda *args: False)
+    whole = run_training(dataclasses.replace(settings, output_dir=str(tmp_path / "whole")))
+    assert len(plans) == 4  # not planned with whole rows
+    for a, b in zip(shared.metrics["history"], whole.metrics["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3) and a["tokens"] == b["tokens"]
