@@ -16,8 +16,9 @@ is its own.
   ours      alpaca_tune.training with its defaults: length-grouped micro-batches (almost no
             padding), LM head and loss only at labelled positions and in chunks, bf16 base
             weights and LoRA products where the hardware has native bf16 (LoRA weights and the
-            loss in fp32); on CPU also freed memory kept for reuse, cheaper dropout masks and
-            blockwise causal attention in bf16 products (README, Performance).
+            loss in fp32); on CPU also freed memory kept for reuse, cheaper dropout masks,
+            blockwise causal attention in bf16 products and the template's preamble computed
+            once per optimizer step (README, Performance).
   ours-*    the same with one technique switched off or changed (--variants to pick), to show
             what each one is worth.
 
