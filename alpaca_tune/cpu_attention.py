@@ -146,7 +146,7 @@ after a shared preamble): what causal_block_attention computes."""
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                scaling: float | None = None, **kwargs):
-    key, value = shared_prefix.keys_for(module.layer_idx, key, value)  # a step's shared preamble
+    key, value = shared_prefix.keys_for(module, key, value)  # a step's shared preamble, if any
     if _covers(module, query, key, attention_mask, dropout, kwargs):
         output = causal_block_attention(query, key, value, scaling)
         return output.transpose(1, 2).contiguous(), None  # transformers wants [B, T, H, D]

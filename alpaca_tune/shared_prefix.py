@@ -52,7 +52,7 @@ class SharedPrefix:
 
     def compute(self, causal_lm) -> None:
         """The preamble's forward, keeping each layer's keys and values for the rows to see."""
-        with _active(_Recording(self)):
+        with _active(self, None):
             causal_lm.get_decoder()(input_ids=self.prompts, use_cache=False)
 
     def suffix_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,7 +64,7 @@ class SharedPrefix:
     @contextlib.contextmanager
     def seen_by(self, micro_batch: int):
         """While active, each layer's attention puts the preamble's keys before this micro-batch's."""
-        with _active(_Prepending(self, self.rows[micro_batch])):
+        with _active(self, self.rows[micro_batch]):
             yield
 
     def backward(self) -> None:
@@ -100,16 +100,11 @@ def plan_shared_prefix(batches: list[dict[str, torch.Tensor]]) -> SharedPrefix |
             best, best_saved = position + 1, saved
     if best_saved < MIN_SAVED_TOKENS:
         return None
-    distinct = {}
-    for row in rows:
-        distinct.setdefault(tuple(row[:best]), len(distinct))
-    prompts = torch.tensor(list(distinct), dtype=torch.long)
-    index, start = [], 0
-    for batch in batches:
-        count = batch["input_ids"].shape[0]
-        index.append(torch.tensor([distinct[tuple(row[:best])] for row in rows[start:start + count]]))
-        start += count
-    return SharedPrefix(best, prompts, index)
+    distinct: dict[tuple[int, ...], int] = {}
+    choice = torch.tensor([distinct.setdefault(tuple(row[:best]), len(distinct)) for row in rows])
+    rows_per_batch = [batch["input_ids"].shape[0] for batch in batches]
+    return SharedPrefix(best, torch.tensor(list(distinct), dtype=torch.long),
+                        list(choice.split(rows_per_batch)))
 
 
 def _real_rows(batch) -> list[list[int]]:
@@ -130,45 +125,36 @@ def _split(group: list[int], rows: list[list[int]], position: int) -> list[list[
     return list(parts.values())
 
 
-class _Recording:
-    def __init__(self, prefix: SharedPrefix):
-        self.prefix = prefix
-
-    def keys_for(self, layer: int, key: torch.Tensor, value: torch.Tensor):
-        leaves = []
-        for made in (key, value):
-            leaf = made.detach().contiguous()
-            if made.requires_grad:  # not the first layer's keys: the embeddings are frozen
-                leaf.requires_grad_()
-                self.prefix.made.append((made, leaf))
-            leaves.append(leaf)
-        self.prefix.keys[layer] = tuple(leaves)
-        return key, value
-
-
-class _Prepending:
-    def __init__(self, prefix: SharedPrefix, rows: torch.Tensor):
-        self.prefix, self.rows = prefix, rows
-
-    def keys_for(self, layer: int, key: torch.Tensor, value: torch.Tensor):
-        shared = self.prefix.keys[layer]
-        return tuple(torch.cat([kept.index_select(0, self.rows), own], dim=2)
-                     for kept, own in zip(shared, (key, value)))
-
-
-_current: _Recording | _Prepending | None = None
+# (the step's SharedPrefix, the micro-batch's row choices, or None while its preamble is computed)
+_current: tuple[SharedPrefix, torch.Tensor | None] | None = None
 
 
 @contextlib.contextmanager
-def _active(state):
+def _active(prefix: SharedPrefix, rows: torch.Tensor | None):
     global _current
-    _current, previous = state, _current
+    _current, previous = (prefix, rows), _current
     try:
         yield
     finally:
         _current = previous
 
 
-def keys_for(layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Called by cpu_attention for every layer: the keys and values its queries see."""
-    return (key, value) if _current is None else _current.keys_for(layer, key, value)
+def keys_for(attention, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Called by cpu_attention for every attention module: the keys and values its queries see.
+    While a preamble is computed, its keys and values are kept (as leaves, whose gradients the
+    rows' backward fills); while a micro-batch runs, the kept ones go first."""
+    if _current is None:
+        return key, value
+    prefix, rows = _current
+    if rows is not None:
+        return tuple(torch.cat([kept.index_select(0, rows), own], dim=2)
+                     for kept, own in zip(prefix.keys[attention.layer_idx], (key, value)))
+    leaves = []
+    for made in (key, value):
+        leaf = made.detach().contiguous()
+        if made.requires_grad:  # not the first layer's keys: the embeddings are frozen
+            leaf.requires_grad_()
+            prefix.made.append((made, leaf))
+        leaves.append(leaf)
+    prefix.keys[attention.layer_idx] = tuple(leaves)
+    return key, value
