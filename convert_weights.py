@@ -13,7 +13,9 @@ import resource
 import sys
 import time
 
-from alpaca_tune.convert import VERSIONS, ConversionError, convert_checkpoint
+from alpaca_tune.conversion import ConversionError
+from alpaca_tune.conversion.convert import convert_checkpoint
+from alpaca_tune.conversion.params import VERSIONS
 
 DTYPES = ("float32", "float16", "bfloat16")
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -12,7 +12,7 @@ import sys
 from cog import BasePredictor, ConcatenateIterator, streaming
 
 from alpaca_tune.cli import run_or_exit, setup_logging
-from alpaca_tune.serving import InstructModel
+from alpaca_tune.serving.instruct import InstructModel
 from alpaca_tune.settings import GenerateSettings, build_parser, validate
 from cog_inputs import cog_input, filled_in
 

@@ -14,7 +14,7 @@ from cog import BaseModel, Input, Path  # noqa: F401  (Input: used through cog_i
 
 from alpaca_tune.cli import run_or_exit, setup_logging
 from alpaca_tune.settings import TrainSettings, parse_args
-from alpaca_tune.training import run_training
+from alpaca_tune.training.loop import run_training
 from cog_inputs import cog_input, filled_in
 
 T = TrainSettings

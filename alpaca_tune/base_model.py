@@ -1,4 +1,5 @@
-"""Which base model to use, and the embedded default (SmolLM2-135M-Instruct) prepared once.
+"""Which base model to use, the embedded default (SmolLM2-135M-Instruct) prepared once, and
+loading a base through transformers (training, and serving where the lean CPU path does not apply).
 
 Order: an explicit directory; $ALPACA_TUNE_BASE (a directory: lets the Cog server and the tests
 serve another base without code changes); weights/ when it holds a converted model (convert_weights.py);
@@ -9,14 +10,14 @@ weights/smollm2-135m-instruct/ as safetensors, which then loads in well under a 
 
 from __future__ import annotations
 
-from .errors import UserError
-
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +88,30 @@ def resolve_base_dir(base_model: str | Path = "") -> Path:
     if is_model_dir(WEIGHTS_DIR):
         return WEIGHTS_DIR
     return prepare_embedded()
+
+
+def load_causal_lm(base_dir: Path, device, dtype, quantization_config=None):
+    """The transformers model in `base_dir` (a resolved directory) on `device` in `dtype`,
+    quantized by bitsandbytes when `quantization_config` is given; SDPA attention."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base_dir), dtype=dtype, attn_implementation="sdpa", quantization_config=quantization_config,
+            device_map={"": device} if quantization_config is not None else None)
+    except (OSError, ValueError) as err:
+        raise BaseModelError(f"{base_dir}: cannot load the base model: {err}") from None
+    if quantization_config is None:
+        model.to(device)
+    return model
+
+
+def load_tokenizer(base_dir: Path):
+    """The base's tokenizer through transformers, with a pad id (EOS where it has none: padding
+    is masked out, so any id will do)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

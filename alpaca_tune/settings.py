@@ -8,12 +8,12 @@ them, so `cog train -i lora_rank=16` and `python train.py --lora_rank 16` mean t
 
 from __future__ import annotations
 
-from .errors import UserError
-
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import UserError
 
 
 class SettingsError(UserError):
@@ -108,6 +108,11 @@ class GenerateSettings:
     prompt_template: str = option("auto", "Prompt template: 'auto' (the one the adapter was trained "
                                           "with, else 'alpaca'), 'alpaca', 'alpaca_short', 'none', or "
                                           "a template JSON file.")
+
+
+def default_of(cls, name: str):
+    """The default of setting `name` of a settings dataclass."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def fields_of(cls, cog_only: bool = False) -> list[dataclasses.Field]:

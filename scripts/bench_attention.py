@@ -6,7 +6,7 @@
 One layer's causal attention, forward + backward, with a micro-batch of --batch rows of each
 length, q, k and v handed over as transformers does (bf16, transposed views of [B, T, heads, D]).
 "sdpa-fp32" is what the trainer used before (SDPA on fp32 copies, grouped heads via enable_gqa);
-"blocks" is alpaca_tune.cpu_attention. The two alternate within each round, so a drifting machine
+"blocks" is alpaca_tune.training.cpu.attention. The two alternate within each round, so a drifting machine
 slows both alike; the medians and their ratio are printed. Outputs are checked to agree first.
 """
 
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from alpaca_tune.cpu_attention import causal_block_attention  # noqa: E402
+from alpaca_tune import device  # noqa: E402
+from alpaca_tune.training.cpu.attention import causal_block_attention  # noqa: E402
 
 
 def sdpa_fp32(q, k, v):
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     variants = {"sdpa-fp32": sdpa_fp32, "blocks": causal_block_attention}
+    print(f"machine: {device.describe_line()}")
     print(f"one layer, forward + backward, {args.batch} rows, {args.heads} heads / {args.kv_heads} kv heads "
           f"of {args.head_dim}, bf16, {torch.get_num_threads()} threads; median of {args.rounds} rounds (ms)")
     print(f"{'tokens':>6}  " + "  ".join(f"{name:>10}" for name in variants) + "   speed-up")

@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from alpaca_tune.device import describe_line  # noqa: E402
 LAYER_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0}
 
 
@@ -108,10 +111,11 @@ def main() -> None:
         model_dir = work / "unconverted" / "bench"
         _, seconds = child_peak_rss([sys.executable, __file__, *sys.argv[1:], "--build-only", str(model_dir)])
         size = sum(p.stat().st_size for p in model_dir.glob("consolidated.*.pth"))
+        print(f"machine: {describe_line()}")
         print(f"checkpoint: {args.shards} shards, {n_layers} layers, dim {args.dim}, bf16: "
               f"{size / 1e9:.2f} GB on disk (built in {seconds:.0f} s)")
 
-        baseline, _ = child_peak_rss([sys.executable, "-c", "import torch, transformers, alpaca_tune.convert"])
+        baseline, _ = child_peak_rss([sys.executable, "-c", "import torch, transformers, alpaca_tune.conversion.convert"])
         print(f"baseline: python + torch + transformers imported: {baseline / 1e9:.2f} GB")
         peak, seconds = child_peak_rss([
             sys.executable, "convert_weights.py", "--input-dir", str(model_dir.parent), "--output-dir",

@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/bench_generate.py                # embedded SmolLM2, 128 new tokens
     .venv/bin/python scripts/bench_generate.py --new_tokens 64 --repeats 2
+    .venv/bin/python scripts/prepare_base.py --dtype bfloat16 --output weights/smollm2-bf16
+    .venv/bin/python scripts/bench_generate.py --base_model weights/smollm2-bf16   # a bf16 checkpoint
 
 Single-stream greedy decoding is memory-bound: every new token reads every weight once. So the
 ceiling is (memory bandwidth) / (weight bytes per token). The bandwidth is measured in the same
@@ -28,12 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alpaca_tune.generation import generate_token_ids  # noqa: E402
-from alpaca_tune.sampling import SamplingParams  # noqa: E402
-from alpaca_tune.model import load_base  # noqa: E402
-from alpaca_tune.serving import InstructModel  # noqa: E402
-from alpaca_tune.prompts import load_template  # noqa: E402
-from alpaca_tune.tokenization import encode_prompt  # noqa: E402
+from alpaca_tune import device  # noqa: E402
+from alpaca_tune.base_model import load_tokenizer, resolve_base_dir  # noqa: E402
+from alpaca_tune.data.prompts import load_template  # noqa: E402
+from alpaca_tune.data.tokenization import encode_prompt  # noqa: E402
+from alpaca_tune.serving.generation import generate_token_ids  # noqa: E402
+from alpaca_tune.serving.instruct import InstructModel  # noqa: E402
+from alpaca_tune.serving.sampling import SamplingParams  # noqa: E402
+from alpaca_tune.serving.transformers_decoder import TransformersDecoder  # noqa: E402
 
 PROMPT = "Tell me about alpacas, their history in the Andes and how they differ from llamas."
 
@@ -59,12 +63,12 @@ def weight_bytes(model) -> int:
     return total
 
 
-def time_ours(model, prompt_ids, new_tokens) -> tuple[float, float]:
+def time_ours(decoder, prompt_ids, new_tokens) -> tuple[float, float]:
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     started = time.perf_counter()
     first = None
     count = 0
-    for _ in generate_token_ids(model, prompt_ids, params, eos_ids=set()):
+    for _ in generate_token_ids(decoder, prompt_ids, params, eos_ids=set()):
         count += 1
         if first is None:
             first = time.perf_counter()
@@ -100,16 +104,15 @@ def main() -> None:
 
     # ours: the model exactly as the Predictor serves it (LeanLlama on CPU); theirs: transformers'
     served = InstructModel.load(None, base_model=args.base_model)
-    model, tokenizer = load_base(args.base_model)
-    model.eval()
-    model.config.use_cache = True
+    base_dir = resolve_base_dir(args.base_model)
+    model, tokenizer = TransformersDecoder.load(base_dir).model, load_tokenizer(base_dir)
     template, repeats = load_template("alpaca"), 1
     prompt_ids = encode_prompt(tokenizer, template.render(PROMPT))
     while len(prompt_ids) < args.prompt_tokens:
         repeats += 1
         prompt_ids = encode_prompt(tokenizer, template.render(" ".join([PROMPT] * repeats)))
     # correctness first: both sides produce the same greedy tokens
-    ours_tokens = list(generate_token_ids(served.model, prompt_ids,
+    ours_tokens = list(generate_token_ids(served.decoder, prompt_ids,
                                           SamplingParams(max_new_tokens=32, temperature=0.0), set()))
     hf_tokens = model.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False,
                                eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
@@ -118,7 +121,7 @@ def main() -> None:
     # Each decoder against the bytes it reads: transformers' model is fp32 on CPU, while ours keeps
     # a bf16/fp16 checkpoint in its dtype (the same bytes for the embedded fp32 SmolLM2).
     per_token = weight_bytes(model)
-    ours_per_token = getattr(served.model, "weight_bytes", per_token)
+    ours_per_token = getattr(served.decoder, "weight_bytes", per_token)
     reads = {"ours": ours_per_token}  # the others read `per_token`
     buffer = torch.ones(1024 * 1024 * 1024 // 4, dtype=torch.float32)  # 1 GB, far beyond the caches
 
@@ -128,7 +131,7 @@ def main() -> None:
     rows, bandwidths = {}, []
     hf_batch = functools.partial(time_hf, batch=args.batch)
     with torch.inference_mode():
-        decoders = [("ours", time_ours, served.model), ("hf-generate", time_hf, model)]
+        decoders = [("ours", time_ours, served.decoder), ("hf-generate", time_hf, model)]
         if args.batch:
             decoders.append((f"hf-generate x{args.batch}", hf_batch, model))
         for name, timer, subject in decoders:
@@ -139,6 +142,7 @@ def main() -> None:
                 ttft, rate = timer(subject, prompt_ids, args.new_tokens)
                 runs.append((ttft, rate, rate / bound(bandwidths[-1], reads.get(name, per_token))))
             rows[name] = tuple(statistics.median(run[i] for run in runs) for i in range(3))
+    print(f"machine: {device.describe_line()}")
     print(f"model {model.config.architectures[0]} {per_token / 1e6:.0f} MB of weights ({model.dtype}), "
           f"prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
     if ours_per_token != per_token:

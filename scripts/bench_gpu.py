@@ -5,7 +5,7 @@
     python scripts/bench_gpu.py --only decode   # just the decoding figures (--only train: training)
 
 The random model is saved once as safetensors and loaded the way train.py loads a base
-(alpaca_tune.model.load_model: bf16, or NF4 through transformers' bitsandbytes integration), and
+(alpaca_tune.training.model.load_frozen_base: bf16, or NF4 through transformers' bitsandbytes integration), and
 each step is the trainer's own (training.optimizer_step: label-only head and loss, LoRA products
 under bf16 autocast, AdamW on the LoRA weights). Reports, in this one run:
   - LoRA training (r=8, q_proj/v_proj) tokens/s, MFU and peak memory at seq 512 and 2048, for the
@@ -89,14 +89,14 @@ def train_figures(base, quantization: str, checkpointing: bool, seq: int, rows: 
                   steps: int, device: torch.device, peak_tflops: float, profile: bool = False) -> dict:
     """One trainer step timed on `base` with a fresh LoRA adapter, which is removed again after
     (compiled layers stay compiled: those runs come last)."""
-    from alpaca_tune.model import attach_lora
-    from alpaca_tune.fast_paths import switch_on_fast_paths
-    from alpaca_tune.training import optimizer_step
+    from alpaca_tune.training.fast_paths import switch_on_fast_paths
+    from alpaca_tune.training.model import attach_lora
+    from alpaca_tune.training.steps import optimizer_step
 
     model = attach_lora(base, rank=8, alpha=16, dropout=0.05, target_modules="q_proj,v_proj", seed=0,
                         quantized=quantization != "none", gradient_checkpointing=checkpointing)
     compute = switch_on_fast_paths(model, device, base.dtype, quantized=quantization != "none",
-                                   compile_layers=compiled)  # as train.py's torch_compile does (CUDA only)
+                                   compile_layers=compiled).compute  # as train.py's torch_compile does (CUDA only)
     causal_lm = model.get_base_model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -116,7 +116,8 @@ def train_figures(base, quantization: str, checkpointing: bool, seq: int, rows: 
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / steps
     if profile:  # where one step's time goes, by kernel
-        from torch.profiler import ProfilerActivity, profile as profiler
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
 
         with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
@@ -161,8 +162,9 @@ def decode_figures(model, new_tokens: int, device: torch.device) -> dict:
     what eager steps do is tested in tests/test_cuda.py on a tiny model; comparing tokens here would
     say little: a random 7B's logits are near-tied, and eager decoding on an H100 is not bit-for-bit
     repeatable itself (two eager runs part within 3 steps, measured)."""
-    from alpaca_tune.generation import generate_token_ids
-    from alpaca_tune.sampling import SamplingParams
+    from alpaca_tune.serving.generation import generate_token_ids
+    from alpaca_tune.serving.sampling import SamplingParams
+    from alpaca_tune.serving.transformers_decoder import TransformersDecoder
 
     model.eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -177,11 +179,12 @@ def decode_figures(model, new_tokens: int, device: torch.device) -> dict:
     for name, options in variants.items():
         started = time.perf_counter()
         # warm-up: records the graph (and compiles) for this capacity, which later requests reuse
-        list(generate_token_ids(model, prompt, params if options["cuda_graphs"] else SamplingParams(
-            max_new_tokens=4, temperature=0.0), set(), **options))
+        decoder = TransformersDecoder(model, **options)
+        list(generate_token_ids(decoder, prompt, params if options["cuda_graphs"] else SamplingParams(
+            max_new_tokens=4, temperature=0.0), set()))
         result[f"{name}_first_call_s"] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
-        count = len(list(generate_token_ids(model, prompt, params, set(), **options)))
+        count = len(list(generate_token_ids(decoder, prompt, params, set())))
         rate = count / (time.perf_counter() - started)
         result[f"{name}_tokens_per_s"] = round(rate, 1)
         result[f"{name}_fraction_of_bound"] = round(rate / bound, 3)
@@ -198,7 +201,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["train", "decode"], help="run only these figures")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    from alpaca_tune.model import load_model
+    from alpaca_tune.training.model import load_frozen_base
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = TINY if args.tiny else LLAMA_7B
@@ -211,7 +214,8 @@ def main() -> None:
         for quantization in ("4bit", "none") if device.type == "cuda" else ("none",):  # bitsandbytes: CUDA only
             if args.only == "decode" and quantization != "none":
                 continue
-            base = load_model(base_dir, quantization, device, torch.bfloat16 if device.type == "cuda" else None)
+            base = load_frozen_base(base_dir, quantization, device,
+                                    torch.bfloat16 if device.type == "cuda" else torch.float32)
             for compiled in (False, True):
                 for run in TRAIN_RUNS:
                     if run[0] == quantization and run[5] == compiled and args.only != "decode":

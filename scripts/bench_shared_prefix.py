@@ -1,4 +1,4 @@
-"""What sharing the template's preamble saves (alpaca_tune/shared_prefix.py), step by step.
+"""What sharing the template's preamble saves (alpaca_tune/training/cpu/shared_prefix.py), step by step.
 
     .venv/bin/python scripts/bench_shared_prefix.py              # the training benchmark's steps
     .venv/bin/python scripts/bench_shared_prefix.py --rounds 1   # faster
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,18 +32,19 @@ def main() -> None:
     parser.add_argument("--base_model", default="", help="default: the embedded SmolLM2")
     args = parser.parse_args()
 
-    import torch
-
     import bench_train
-    from alpaca_tune.base_model import resolve_base_dir
-    from alpaca_tune.batching import make_batch
-    from alpaca_tune.data import load_records
-    from alpaca_tune.fast_paths import switch_on_fast_paths
-    from alpaca_tune.model import attach_lora, load_model, load_tokenizer
-    from alpaca_tune.prompts import load_template
-    from alpaca_tune.shared_prefix import plan_shared_prefix
-    from alpaca_tune.tokenization import tokenize_records
-    from alpaca_tune.training import StepPlan, accumulate_gradients
+    import torch
+    from alpaca_tune import device as machine
+    from alpaca_tune.base_model import load_tokenizer, resolve_base_dir
+    from alpaca_tune.data.batching import make_batch
+    from alpaca_tune.data.prompts import load_template
+    from alpaca_tune.data.records import load_records
+    from alpaca_tune.data.tokenization import tokenize_records
+    from alpaca_tune.training.cpu.shared_prefix import plan_shared_prefix
+    from alpaca_tune.training.fast_paths import switch_on_fast_paths
+    from alpaca_tune.training.model import attach_lora, load_frozen_base
+    from alpaca_tune.training.plan import StepPlan
+    from alpaca_tune.training.steps import accumulate_gradients
 
     hyper = bench_train.HYPER
     train_path, _ = bench_train.make_mix(args.examples, args.held_out, Path(tempfile.mkdtemp()))
@@ -52,10 +53,10 @@ def main() -> None:
     examples, _ = tokenize_records(load_records(train_path), load_template("alpaca"), tokenizer,
                                    hyper["cutoff_len"], False)
     device = torch.device("cpu")
-    model = attach_lora(load_model(base_dir, "none", device, torch.bfloat16), hyper["lora_rank"],
+    model = attach_lora(load_frozen_base(base_dir, "none", device, torch.bfloat16), hyper["lora_rank"],
                         hyper["lora_alpha"], hyper["lora_dropout"], hyper["lora_target_modules"],
                         hyper["seed"], quantized=False, gradient_checkpointing=False)
-    compute = switch_on_fast_paths(model, device, torch.bfloat16, quantized=False)
+    compute = switch_on_fast_paths(model, device, torch.bfloat16, quantized=False).compute
     causal_lm = model.get_base_model()
     model.train()
     plan = StepPlan([len(e) for e in examples], hyper["train_batch_size"],
@@ -67,6 +68,7 @@ def main() -> None:
     shared = [plan_shared_prefix(batches) for batches in steps]
     saved = sum(p.length * (sum(len(r) for r in p.rows) - len(p.prompts)) for p in shared if p)
     kinds = Counter(f"{p.length} tokens x {len(p.prompts)} distinct" for p in shared if p)
+    print(f"machine: {machine.describe_line()}")
     print(f"{len(steps)} steps, {tokens} tokens; preambles shared in {sum(p is not None for p in shared)} "
           f"steps ({', '.join(f'{n} steps: {kind}' for kind, n in kinds.items())}); "
           f"{saved} token positions ({saved / tokens:.1%}) not computed")

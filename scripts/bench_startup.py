@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     base = args.base or embedded_base()
     weights = args.weights or quick_adapter(base)
+    from alpaca_tune import device
+
+    print(f"machine: {device.describe_line()}")
     print(f"base {base}\nadapter {weights} ({weights.stat().st_size / 1e6:.1f} MB)\n"
           f"cpus {os.cpu_count()}, load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     measure(base, weights)  # warm-up: file cache, .pyc files

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_train.py                 # both variants, then the comparison
     .venv/bin/python scripts/bench_train.py --examples 64   # smaller/faster
     .venv/bin/python scripts/bench_train.py --variants baseline,ours --rounds 2   # A B B A
+    .venv/bin/python scripts/bench_train.py --variants ours,ours-no-cpu_attention --rounds 2
 
 Same machine, base model (the embedded SmolLM2 unless --base_model), data (a fixed, seeded mix of
 GPTeacher role-play and GSM8K records from ../shared/data, whose lengths vary), and
@@ -19,8 +20,10 @@ is its own.
             loss in fp32); on CPU also freed memory kept for reuse, cheaper dropout masks,
             blockwise causal attention in bf16 products and the template's preamble computed
             once per optimizer step (README, Performance).
-  ours-*    the same with one technique switched off or changed (--variants to pick), to show
-            what each one is worth.
+  ours-*    the same with one setting changed (ours-fp32, ours-bf16, ours-packed,
+            ours-no-grouping) or one fast path left off (ours-no-<name>, for each name in
+            alpaca_tune/training/fast_paths.py's NAMES, through $ALPACA_TUNE_FAST_PATHS_OFF), to
+            show what each one is worth in a whole run.
 
 Both adapters are then scored by one evaluator on the same held-out records (mean loss per
 response token), so "same result" is measured, not assumed.
@@ -47,14 +50,16 @@ HYPER = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.05, lora_target_modules=
              num_train_epochs=1.0, warmup_steps=1, lr_scheduler="linear", seed=42)
 
 
-# Our trainer's variants: the defaults, then each technique switched off, to show what pays.
-VARIANTS = {"ours": {}, "ours-fp32": {"precision": "fp32"}, "ours-packed": {"packing": True},
-            "ours-no-grouping": {"group_by_length": False}}
+# Our trainer's variants: the defaults, then one setting changed, to show what pays.
+VARIANTS = {"ours": {}, "ours-fp32": {"precision": "fp32"}, "ours-bf16": {"precision": "bf16"},
+            "ours-packed": {"packing": True}, "ours-no-grouping": {"group_by_length": False}}
+FAST_PATHS_OFF = "ALPACA_TUNE_FAST_PATHS_OFF"  # fast_paths.OFF_ENV (read in the child)
+MIX_SEED = 0
 
 
 def make_mix(examples: int, held_out: int, workdir: Path) -> tuple[Path, Path]:
     """A seeded mix of both sources: `examples` records to train on, `held_out` to evaluate."""
-    rng = random.Random(0)
+    rng = random.Random(MIX_SEED)
     train, evaluation = [], []
     for name in SOURCES:
         records = json.loads((SHARED / name).read_text())
@@ -79,11 +84,16 @@ def run_baseline(train_path: Path, base_dir: Path, output_dir: Path) -> dict:
     """alpaca-lora's finetune.py, reduced to what matters for speed and result."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
 
-    from alpaca_tune.data import load_records
-    from alpaca_tune.model import load_tokenizer
-    from alpaca_tune.prompts import load_template
+    from alpaca_tune.base_model import load_tokenizer
+    from alpaca_tune.data.prompts import load_template
+    from alpaca_tune.data.records import load_records
 
     tokenizer = load_tokenizer(base_dir)
     template = load_template("alpaca")
@@ -134,7 +144,7 @@ def run_baseline(train_path: Path, base_dir: Path, output_dir: Path) -> dict:
 
 def run_ours(train_path: Path, base_dir: Path, output_dir: Path, **extra) -> dict:
     from alpaca_tune.settings import TrainSettings
-    from alpaca_tune.training import run_training
+    from alpaca_tune.training.loop import run_training
 
     settings = TrainSettings(train_data=str(train_path), base_model=str(base_dir), output_dir=str(output_dir),
                              val_set_size=0, logging_steps=1, **HYPER, **extra)
@@ -148,13 +158,17 @@ def run_ours(train_path: Path, base_dir: Path, output_dir: Path, **extra) -> dic
 
 def evaluate_adapter(adapter: str, base_dir: Path, eval_path: Path) -> float:
     """One evaluator for both: mean loss per response token on the held-out records."""
-    from alpaca_tune.data import load_records
-    from alpaca_tune.model import load_adapter, load_base
-    from alpaca_tune.prompts import load_template
-    from alpaca_tune.tokenization import tokenize_records
-    from alpaca_tune.training import evaluate
+    import torch
 
-    model, tokenizer = load_base(base_dir)
+    from alpaca_tune.base_model import load_causal_lm, load_tokenizer
+    from alpaca_tune.data.prompts import load_template
+    from alpaca_tune.data.records import load_records
+    from alpaca_tune.data.tokenization import tokenize_records
+    from alpaca_tune.serving.transformers_decoder import load_adapter
+    from alpaca_tune.training.steps import evaluate
+
+    model = load_causal_lm(base_dir, torch.device("cpu"), torch.float32)
+    tokenizer = load_tokenizer(base_dir)
     model = load_adapter(model, Path(adapter)).get_base_model()
     examples, _ = tokenize_records(load_records(eval_path), load_template("alpaca"), tokenizer,
                                    HYPER["cutoff_len"], False)
@@ -168,7 +182,7 @@ def child(variant: str, train_path: Path, eval_path: Path, base_dir: Path, outpu
     if variant == "baseline":
         result = run_baseline(train_path, base_dir, output_dir)
     else:
-        result = run_ours(train_path, base_dir, output_dir, **VARIANTS[variant])
+        result = run_ours(train_path, base_dir, output_dir, **VARIANTS.get(variant, {}))
     result["peak_rss_mb"] = round(peak_rss_mb())
     result["eval_loss"] = evaluate_adapter(result["adapter"], base_dir, eval_path)
     print("RESULT " + json.dumps(result), flush=True)
@@ -180,7 +194,7 @@ def main() -> None:
     parser.add_argument("--held_out", type=int, default=32, help="evaluation records")
     parser.add_argument("--base_model", default="", help="default: the embedded SmolLM2")
     parser.add_argument("--variants", default="baseline,ours,ours-fp32",
-                        help=f"comma-separated: baseline, {', '.join(VARIANTS)}")
+                        help=f"comma-separated: baseline, {', '.join(VARIANTS)}, ours-no-<fast path>")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every variant this many times, the order reversed each round (A B, B A, ...), "
                              "so that a machine whose speed drifts slows each variant alike")
@@ -198,12 +212,21 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
     make_mix(args.examples, args.held_out, workdir)
     variants = args.variants.split(",")
+    from alpaca_tune.training.fast_paths import NAMES
+
+    known = {"baseline", *VARIANTS, *(f"ours-no-{name}" for name in NAMES)}
+    if unknown := [v for v in variants if v not in known]:
+        sys.exit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     runs = {variant: [] for variant in variants}  # one result per round
     for round_ in range(args.rounds):
         for variant in variants if round_ % 2 == 0 else variants[::-1]:
             print(f"== {variant} (round {round_ + 1}/{args.rounds}) ...", flush=True)
             runs[variant].append(run_child(variant, workdir, base_dir))
-    print(f"\nbase {base_dir.name}, {args.examples} training / {args.held_out} held-out records, "
+    from alpaca_tune import device
+
+    print(f"\nmachine: {device.describe_line()}")
+    print(f"data: {' + '.join(SOURCES)} from ../shared/data, seed {MIX_SEED}")
+    print(f"base {base_dir.name}, {args.examples} training / {args.held_out} held-out records, "
           f"{HYPER['train_batch_size']}x{HYPER['gradient_accumulation_steps']} batch, cutoff {HYPER['cutoff_len']}; "
           f"{args.rounds} round(s): tokens/s over all rounds' tokens and seconds")
     print(f"{'variant':10} {'tokens/s':>9} {'padding':>8} {'peak RSS':>9} {'eval loss':>10} {'seconds':>8}"
@@ -222,8 +245,13 @@ def main() -> None:
 
 def run_child(variant: str, workdir: Path, base_dir: Path) -> dict:
     """One variant in its own process (its own peak RSS): its RESULT line."""
+    import os
+
+    env = dict(os.environ)
+    if variant.startswith("ours-no-"):
+        env[FAST_PATHS_OFF] = variant.removeprefix("ours-no-")
     out = subprocess.run([sys.executable, __file__, "--child", variant, "--workdir", str(workdir),
-                          "--base_model", str(base_dir)], capture_output=True, text=True)
+                          "--base_model", str(base_dir)], capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")

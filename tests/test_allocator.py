@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 # Allocates and touches 256 MB, frees it, and prints resident memory (MB) before and after the free.

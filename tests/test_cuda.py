@@ -10,13 +10,14 @@ import importlib.util
 
 import pytest
 import torch
-
-from alpaca_tune.cuda_graph_decode import StaticCacheFeeder
-from alpaca_tune.generation import generate_token_ids
-from alpaca_tune.sampling import SamplingParams
-from alpaca_tune.settings import TrainSettings
-from alpaca_tune.training import run_training
 from conftest import TINY_RECORDS
+
+from alpaca_tune.serving.cuda_graph import StaticCacheFeeder
+from alpaca_tune.serving.generation import generate_token_ids
+from alpaca_tune.serving.sampling import SamplingParams
+from alpaca_tune.serving.transformers_decoder import TransformersDecoder
+from alpaca_tune.settings import TrainSettings
+from alpaca_tune.training.loop import run_training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_bitsandbytes = pytest.mark.skipif(
@@ -34,14 +35,16 @@ def _cuda_model(model_dir, dtype):
 
 def test_graph_decoding_equals_eager_decoding(tiny_model_dir):
     model = _cuda_model(tiny_model_dir, torch.float32)
+    graphs, no_graphs = TransformersDecoder(model), TransformersDecoder(model, cuda_graphs=False)
     greedy = SamplingParams(max_new_tokens=24, temperature=0.0)
-    eager = list(generate_token_ids(model, PROMPT, greedy, set(), cuda_graphs=False))
-    graphed = list(generate_token_ids(model, PROMPT, greedy, set()))
+    eager = list(generate_token_ids(no_graphs, PROMPT, greedy, set()))
+    graphed = list(generate_token_ids(graphs, PROMPT, greedy, set()))
     assert len(eager) == 24 and graphed == eager
-    assert list(generate_token_ids(model, PROMPT, greedy, set(), compile_step=True)) == eager
+    compiled = TransformersDecoder(model, compile_step=True)
+    assert list(generate_token_ids(compiled, PROMPT, greedy, set())) == eager
     sampled = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.9, seed=5)
-    assert list(generate_token_ids(model, PROMPT, sampled, set())) == \
-        list(generate_token_ids(model, PROMPT, sampled, set(), cuda_graphs=False))
+    assert list(generate_token_ids(graphs, PROMPT, sampled, set())) == \
+        list(generate_token_ids(no_graphs, PROMPT, sampled, set()))
 
 
 def test_graph_replay_gives_the_eager_steps_logits_in_bf16(tiny_model_dir):
@@ -80,7 +83,7 @@ def test_training_on_the_gpu_learns_and_serves(settings, tiny_model_dir, monkeyp
 
     predictor = Predictor()
     predictor.setup(str(result.archive))
-    assert predictor.model.model.device.type == "cuda"
+    assert predictor.model.decoder.device.type == "cuda"
     answer = "".join(predictor.predict(prompt="Tell me about alpacas.", max_new_tokens=16, temperature=0.0))
     assert answer.strip()
 

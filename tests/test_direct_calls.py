@@ -9,9 +9,9 @@ import tempfile
 
 import pytest
 from cog import Path
-
-from alpaca_tune.data import DataError
 from conftest import TINY_RECORDS
+
+from alpaca_tune.data.records import DataError
 
 
 @pytest.fixture

@@ -11,9 +11,16 @@ import threading
 import time
 
 import pytest
-
-from cog_server import (CogServer, LocalHTTP, data_uri, post_input, setup_logs_with, tiny_env, train_over_http,
-                        wait_until_idle)
+from cog_server import (
+    CogServer,
+    LocalHTTP,
+    data_uri,
+    post_input,
+    setup_logs_with,
+    tiny_env,
+    train_over_http,
+    wait_until_idle,
+)
 from conftest import TINY_RECORDS
 
 pytestmark = pytest.mark.slow

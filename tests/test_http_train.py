@@ -12,8 +12,16 @@ import tarfile
 import time
 
 import pytest
-
-from cog_server import FAST_TRAINING, CogServer, LocalHTTP, data_uri, post_input, save_data_uri, tiny_env, wait_until_idle
+from cog_server import (
+    FAST_TRAINING,
+    CogServer,
+    LocalHTTP,
+    data_uri,
+    post_input,
+    save_data_uri,
+    tiny_env,
+    wait_until_idle,
+)
 from conftest import TINY_RECORDS
 
 pytestmark = pytest.mark.slow

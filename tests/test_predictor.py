@@ -4,11 +4,11 @@ import io
 import tarfile
 
 import pytest
-
-from alpaca_tune import artifacts
-from alpaca_tune.settings import TrainSettings
-from alpaca_tune.training import run_training
 from conftest import TINY_RECORDS
+
+from alpaca_tune.serving import weights
+from alpaca_tune.settings import TrainSettings
+from alpaca_tune.training.loop import run_training
 
 
 @pytest.fixture(scope="module")
@@ -117,43 +117,43 @@ def _tar_with(tmp_path, entries):
     ([("something/else.txt", "file")], "no adapter_config.json inside"),
 ])
 def test_unsafe_or_foreign_archives_are_refused(tmp_path, entries, message):
-    with pytest.raises(artifacts.ArtifactError, match=message):
-        artifacts.fetch_weights(str(_tar_with(tmp_path, entries)), tmp_path)
+    with pytest.raises(weights.WeightsError, match=message):
+        weights.fetch_weights(str(_tar_with(tmp_path, entries)), tmp_path)
     assert not (tmp_path.parent / "escape.json").exists()
 
 
 def test_corrupt_archive_fails_setup_clearly(tmp_path, predictor_factory):
     broken = tmp_path / "weights.tar.gz"
     broken.write_bytes(b"\x1f\x8b not really gzip")
-    with pytest.raises(artifacts.ArtifactError, match="not a readable adapter archive"):
+    with pytest.raises(weights.WeightsError, match="not a readable adapter archive"):
         predictor_factory(str(broken))
-    with pytest.raises(artifacts.ArtifactError, match="no such file"):
+    with pytest.raises(weights.WeightsError, match="no such file"):
         predictor_factory(str(tmp_path / "missing.tar.gz"))
-    with pytest.raises(artifacts.ArtifactError, match="download failed"):
+    with pytest.raises(weights.WeightsError, match="download failed"):
         predictor_factory("data:application/gzip;base64,@@not base64@@")
 
 
 def test_size_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(artifacts, "MAX_UNPACKED_BYTES", 10)
+    monkeypatch.setattr(weights, "MAX_UNPACKED_BYTES", 10)
     path = tmp_path / "big.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
         info = tarfile.TarInfo("adapter/adapter_model.safetensors")
         info.size = 100
         tar.addfile(info, io.BytesIO(b"x" * 100))
-    with pytest.raises(artifacts.ArtifactError, match="unpacks to more than"):
-        artifacts.fetch_weights(str(path), tmp_path)
+    with pytest.raises(weights.WeightsError, match="unpacks to more than"):
+        weights.fetch_weights(str(path), tmp_path)
 
 
 def test_lean_cpu_path_answers_as_transformers_does(trained, tiny_model_dir):
     """On CPU the Predictor serves through LeanLlama; keeping the adapter unmerged goes through
     transformers + PEFT instead. Both must give the same greedy answer and sampled answer."""
-    from alpaca_tune.lean_llama import LeanLlama
-    from alpaca_tune.serving import InstructModel
+    from alpaca_tune.serving.instruct import InstructModel
+    from alpaca_tune.serving.lean.llama import LeanLlama
     from alpaca_tune.settings import GenerateSettings
 
     lean = InstructModel.load(str(trained.archive), base_model=str(tiny_model_dir))
     peft = InstructModel.load(str(trained.archive), base_model=str(tiny_model_dir), merge=False)
-    assert isinstance(lean.model, LeanLlama) and not isinstance(peft.model, LeanLlama)
+    assert isinstance(lean.decoder, LeanLlama) and not isinstance(peft.decoder, LeanLlama)
     for settings in (GenerateSettings(prompt="Tell me about alpacas.", temperature=0.0, max_new_tokens=20),
                      GenerateSettings(prompt="Name a colour.", temperature=0.9, top_k=20, top_p=0.8,
                                       repetition_penalty=1.2, seed=5, max_new_tokens=20)):
@@ -167,8 +167,8 @@ def test_a_base_without_tokenizer_json_is_served_with_transformers_tokenizer(tin
 
     from transformers import AutoTokenizer
 
-    from alpaca_tune.serving import InstructModel
-    from alpaca_tune.serving_tokenizer import ServingTokenizer
+    from alpaca_tune.serving.instruct import InstructModel
+    from alpaca_tune.serving.tokenizer import ServingTokenizer
     from alpaca_tune.settings import GenerateSettings
 
     shutil.copytree(tiny_model_dir, tmp_path / "base")
@@ -186,7 +186,7 @@ def test_decoding_clean_up_is_left_to_transformers(tiny_model_dir, tmp_path):
     import json
     import shutil
 
-    from alpaca_tune.serving_tokenizer import can_serve
+    from alpaca_tune.serving.tokenizer import can_serve
 
     shutil.copytree(tiny_model_dir, tmp_path / "base")
     assert can_serve(tmp_path / "base")
@@ -199,13 +199,13 @@ def test_prompts_longer_than_the_context_are_refused_and_answers_end_with_it(tra
     """The tiny model reads 512 positions: a longer prompt is refused by name; an answer that would
     run past the context ends with it (LeanLlama's cache would refuse position 513)."""
     from alpaca_tune.errors import UserError
-    from alpaca_tune.lean_llama import LeanLlama
-    from alpaca_tune.serving import InstructModel
+    from alpaca_tune.serving.instruct import InstructModel
+    from alpaca_tune.serving.lean.llama import LeanLlama
     from alpaca_tune.settings import GenerateSettings
 
     for merge in (True, False):  # the lean CPU path, and transformers + PEFT for an unmerged adapter
         served = InstructModel.load(str(trained.archive), base_model=str(tiny_model_dir), merge=merge)
-        assert isinstance(served.model, LeanLlama) == merge and served.context_length == 512
+        assert isinstance(served.decoder, LeanLlama) == merge and served.decoder.context_length == 512
         with pytest.raises(UserError, match=r"prompt \(with input and template\) is \d+ tokens; .* at most 512"):
             served.stream(GenerateSettings(prompt="alpaca " * 200))
         near_the_end = GenerateSettings(prompt="alpaca " * 120, temperature=0.0, max_new_tokens=400,

@@ -3,7 +3,14 @@ import inspect
 
 import pytest
 
-from alpaca_tune.settings import GenerateSettings, SettingsError, TrainSettings, fields_of, parse_args, validate
+from alpaca_tune.settings import (
+    GenerateSettings,
+    SettingsError,
+    TrainSettings,
+    fields_of,
+    parse_args,
+    validate,
+)
 
 REQUIRED_TRAIN_INPUTS = {"train_data", "num_train_epochs", "max_steps", "learning_rate", "train_batch_size",
                          "gradient_accumulation_steps", "cutoff_len", "val_set_size", "lora_rank", "lora_alpha",

@@ -1,12 +1,12 @@
 """End to end on the real embedded base model (SmolLM2-135M-Instruct), on CPU."""
 
 import pytest
+from conftest import ROOT
 
 from alpaca_tune.base_model import prepare_embedded
-from alpaca_tune.serving import InstructModel
+from alpaca_tune.serving.instruct import InstructModel
 from alpaca_tune.settings import GenerateSettings, TrainSettings
-from alpaca_tune.training import run_training
-from conftest import ROOT
+from alpaca_tune.training.loop import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("full_threads")]
 

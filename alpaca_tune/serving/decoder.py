@@ -1,0 +1,44 @@
+"""The one interface generation.py talks to: a model that decodes one sequence at a time.
+
+Two backends implement it: lean/llama.py's LeanLlama (CPU, numpy and numba) and
+transformers_decoder.py's TransformersDecoder (GPU, other architectures, unmerged adapters).
+
+    device           where the sampling generator and the token sequence live
+    context_length   positions the model reads at most (a prompt must leave room for one more)
+    eos_ids          the ids its configs say end generation (the tokenizer's EOS is added to them)
+    feeder(capacity) a context manager giving feed(ids) -> fp32 logits [vocab] after those ids,
+                     over a fresh KV cache of `capacity` positions: the prompt first, then one
+                     id at a time
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+Feed = Callable[[list[int]], torch.Tensor]
+
+
+class Decoder(Protocol):
+    device: torch.device
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def eos_ids(self) -> frozenset[int]: ...
+
+    def feeder(self, capacity: int) -> contextlib.AbstractContextManager[Feed]: ...
+
+
+def eos_ids_in(*configs) -> frozenset[int]:
+    """Every eos_token_id of the configs given (dicts or config objects; an id or a list of ids)."""
+    ids = set()
+    for config in configs:
+        configured = config.get("eos_token_id") if isinstance(config, dict) else getattr(config, "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+    ids.discard(None)
+    return frozenset(ids)

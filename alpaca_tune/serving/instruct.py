@@ -1,0 +1,105 @@
+"""A base model plus (optionally) a trained adapter, ready to answer instructions.
+
+This is what Predictor.setup builds once and predict() calls per request. The adapter is merged
+into the base weights after loading: same outputs (tested), no per-token LoRA cost. On CPU a
+Llama is served by lean/llama.py, which needs neither transformers nor PEFT (seconds faster to
+start, faster to decode); anything else goes through transformers (transformers_decoder.py).
+Both are Decoders (decoder.py), which is all generation.py sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..base_model import load_tokenizer, resolve_base_dir
+from ..data.prompts import PromptTemplate, load_template, template_from_json
+from ..data.tokenization import encode_prompt
+from ..device import pick_device
+from ..settings import GenerateSettings, SettingsError, validate
+from .decoder import Decoder
+from .generation import parse_stop_sequences, stream_text
+from .lean.llama import LeanLlama, read_config, unsupported_reason
+from .lean.lora_merge import read_adapter_config, unmergeable_reason
+from .sampling import SamplingParams
+from .tokenizer import ServingTokenizer, can_serve
+from .transformers_decoder import TransformersDecoder
+from .weights import fetch_weights, read_training_config
+
+log = logging.getLogger(__name__)
+
+
+def lean_unsupported_reason(base_dir: Path, adapter_dir: Path | None, merge: bool) -> str | None:
+    """Why the model is not served by LeanLlama (None: it is)."""
+    if pick_device().type != "cpu":
+        return "a GPU is available"
+    if not merge and adapter_dir is not None:
+        return "the adapter is kept unmerged"
+    reason = unsupported_reason(read_config(base_dir))
+    if reason is None and adapter_dir is not None:
+        reason = unmergeable_reason(read_adapter_config(adapter_dir))
+    return reason
+
+
+class InstructModel:
+    def __init__(self, decoder: Decoder, tokenizer, trained_template: PromptTemplate | None):
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.trained_template = trained_template
+
+    @classmethod
+    def load(cls, weights: str | None = None, base_model: str = "", merge: bool = True) -> InstructModel:
+        """Base model (+ adapter from an archive, a directory or an http(s) URL when weights is set)."""
+        base_dir = resolve_base_dir(base_model)
+        if not weights:
+            return cls(cls._load_model(base_dir, None, merge), *cls._tokenizer_and_template(base_dir, None))
+        # the unpacked files are only needed until the weights are in memory
+        with tempfile.TemporaryDirectory(prefix="adapter-") as workdir:
+            adapter_dir = fetch_weights(str(weights), Path(workdir))
+            model = cls._load_model(base_dir, adapter_dir, merge)
+            tokenizer, template = cls._tokenizer_and_template(base_dir, adapter_dir)
+        log.info("adapter loaded from %s (%s)", weights, "merged" if merge else "unmerged")
+        return cls(model, tokenizer, template)
+
+    @staticmethod
+    def _load_model(base_dir: Path, adapter_dir: Path | None, merge: bool) -> Decoder:
+        """LeanLlama on CPU when it can run the model (faster start and decoding), else transformers."""
+        reason = lean_unsupported_reason(base_dir, adapter_dir, merge)
+        if reason is None:
+            log.info("loading %s for CPU serving (lean Llama path)", base_dir)
+            return LeanLlama.load(base_dir, adapter_dir)
+        log.info("serving through transformers: %s", reason)
+        return TransformersDecoder.load(base_dir, adapter_dir, merge)
+
+    @staticmethod
+    def _tokenizer_and_template(base_dir: Path, adapter_dir: Path | None):
+        recorded = read_training_config(adapter_dir).get("prompt_template") if adapter_dir else None
+        # older HF conversions ship only SentencePiece's tokenizer.model, some ask for transformers'
+        # clean-up of spaces when decoding: transformers handles those
+        tokenizer = ServingTokenizer(base_dir) if can_serve(base_dir) else load_tokenizer(base_dir)
+        return tokenizer, template_from_json(recorded) if recorded else None
+
+    def template_for(self, name: str) -> PromptTemplate:
+        if name == "auto":
+            return self.trained_template or load_template("alpaca")
+        return load_template(name)
+
+    def prompt_ids(self, settings: GenerateSettings) -> list[int]:
+        template = self.template_for(settings.prompt_template)
+        return encode_prompt(self.tokenizer, template.render(settings.prompt, settings.input))
+
+    def stream(self, settings: GenerateSettings) -> Iterator[str]:
+        """Chunks of the answer; a prompt too long for the model is refused before anything runs."""
+        validate(settings)
+        prompt_ids = self.prompt_ids(settings)
+        context = self.decoder.context_length
+        room = context - len(prompt_ids)
+        if room < 1:
+            raise SettingsError(f"prompt (with input and template) is {len(prompt_ids)} tokens; the model reads at "
+                                f"most {context}: shorten it")
+        # the answer ends where the model's context does, as transformers' generate would end it
+        params = SamplingParams.from_settings(settings, max_new_tokens=min(settings.max_new_tokens, room))
+        return stream_text(self.decoder, self.tokenizer, prompt_ids, params,
+                           parse_stop_sequences(settings.stop_sequences))

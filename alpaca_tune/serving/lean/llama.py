@@ -1,0 +1,337 @@
+"""Llama inference in numpy (and a little torch), for serving on CPU: quick to start and fast to decode.
+
+Why not transformers' model here (figures in BENCHMARKS.md): importing transformers and PEFT is
+~4 s of the server's start-up, and decoding one token is a matrix-vector product per weight
+matrix, which PyTorch's CPU kernels stream from memory at ~11 GB/s on the project's machine.
+So this module reads the same safetensors, merges the adapter (lora_merge.py), fuses q/k/v and
+gate/up into one product each, keeps a preallocated KV cache, and runs the step in numpy. A new
+token's products run on matvec.py's kernels, over weights kept in the checkpoint's dtype
+(bf16/fp16/fp32; a matrix with an adapter merged into it is fp32), widened to fp32 in registers;
+the prompt's products (many rows at once) on torch's in fp32. The small ops run in numpy too
+(norms, rotary, one token's attention), because torch's overhead per call (~5-10 us, ~25 calls
+a layer) on vectors this small was a fifth of each step. Only the prompt's attention (many
+tokens at once) and the rotary angles go through torch.
+
+Only what the Llama family needs: RMSNorm, rotary embeddings (default, linear and llama3
+scaling), grouped-query attention, SiLU MLP, tied or separate output head, on CPU. Anything
+else is served by transformers instead (`unsupported_reason`). tests/test_lean_llama.py compares
+logits and greedy tokens with transformers' LlamaForCausalLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...errors import UserError
+from ..decoder import eos_ids_in
+from .lora_merge import merge_lora
+from .matvec import Matrix, WeightArena, warm_up
+
+ROPE_TYPES = ("default", "linear", "llama3")
+DEVICE = torch.device("cpu")
+
+
+class LeanModelError(UserError):
+    pass
+
+
+def read_config(base_dir: Path, name: str = "config.json") -> dict:
+    path = Path(base_dir) / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LeanModelError(f"{path}: not a readable model config: {err}") from None
+
+
+def rope_parameters(config: dict) -> dict:
+    """transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`."""
+    if config.get("rope_parameters"):
+        rope = dict(config["rope_parameters"])
+    else:
+        rope = dict(config.get("rope_scaling") or {})
+        rope["rope_theta"] = config.get("rope_theta", 10000.0)
+    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    return rope
+
+
+def unsupported_reason(config: dict) -> str | None:
+    """Why this module cannot run the model (None: it can)."""
+    if config.get("model_type") != "llama" or config.get("architectures", ["LlamaForCausalLM"]) != ["LlamaForCausalLM"]:
+        return f"model type {config.get('model_type')} {config.get('architectures')}"
+    if config.get("hidden_act", "silu") != "silu":
+        return f"activation {config.get('hidden_act')}"
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        return "bias terms"
+    if config.get("quantization_config"):
+        return "quantized weights"
+    rope_type = rope_parameters(config)["rope_type"]
+    if rope_type not in ROPE_TYPES:
+        return f"rope type {rope_type}"
+    return None
+
+
+def inverse_frequencies(config: dict, head_dim: int) -> torch.Tensor:
+    """Rotary frequencies per dimension pair, with the config's scaling applied (fp32, [head_dim/2])."""
+    rope = rope_parameters(config)
+    inv = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if rope["rope_type"] == "linear":
+        inv = inv / rope["factor"]
+    elif rope["rope_type"] == "llama3":
+        # Meta's LLaMA 3.1 scaling: long wavelengths slowed by `factor`, short ones kept, a
+        # smooth blend between the two bands.
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        context = rope["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv
+        smooth = (context / wavelength - low) / (high - low)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        inv = torch.where(wavelength > context / low, inv / factor,
+                          torch.where(wavelength < context / high, inv, blended))
+    return inv.float()
+
+
+@dataclass
+class Layer:
+    """One decoder layer's weights: norms in fp32, products as matvec.py Matrices [out, in]."""
+    input_norm: np.ndarray
+    qkv: Matrix  # [q_dim + 2 kv_dim, hidden]: q, k, v stacked
+    o: Matrix
+    post_norm: np.ndarray
+    gate_up: Matrix  # [2 intermediate, hidden]: gate, up stacked
+    down: Matrix
+
+    def products(self) -> tuple[Matrix, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
+
+
+def _product(x: np.ndarray, weight: Matrix, scratch: np.ndarray) -> np.ndarray:
+    """x [T, in] @ weight.T -> [T, out] in fp32: one token by the streaming kernel, a prompt by
+    torch in fp32 (a 16-bit weight widened into `scratch` first, once per matrix per prompt).
+    Not OpenBLAS for the prompt: its threads spin ~0.1 s after a product and slowed the first
+    tokens after every prompt 2-6x (fighting numba's threads); torch's prompt was as fast at 51
+    and 500 tokens and ~20% faster at 2,000 (BENCHMARKS.md)."""
+    if x.shape[0] == 1:
+        return weight.matvec(x[0])[None]
+    return (torch.from_numpy(x) @ torch.from_numpy(weight.float32(scratch)).T).numpy()
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
+    """x [T, hidden]; in fp32 like transformers' LlamaRMSNorm."""
+    variance = (x * x).sum(axis=-1, keepdims=True) / np.float32(x.shape[-1])
+    return weight * (x / np.sqrt(variance + eps))
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))  # exp overflows to inf for x < -88: x / inf = -0, the right limit
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary embedding in HF's half-split layout: x [heads, T, D], cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = np.concatenate((-x[..., half:], x[..., :half]), axis=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of every layer for one sequence, preallocated for `capacity` positions.
+
+    Keys are kept transposed, [D, positions] per head, so a new token's scores are one plain
+    product q @ K that OpenBLAS runs ~6x faster than q @ K.T (38 vs 238 us a layer at 2,000
+    positions for SmolLM2)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int):
+        self.keys_t = np.empty((layers, kv_heads, head_dim, capacity), dtype=np.float32)
+        self.values = np.empty((layers, kv_heads, capacity, head_dim), dtype=np.float32)
+        self.capacity = capacity
+        self.length = 0  # positions filled in every layer
+
+    def extend(self, layer: int, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store keys and values [kv_heads, T, D] at the next positions; the layer's keys so far
+        as [kv_heads, D, positions] and values as [kv_heads, positions, D]."""
+        end = self.length + keys.shape[1]
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} positions > capacity {self.capacity}")
+        self.keys_t[layer, :, :, self.length:end] = keys.transpose(0, 2, 1)
+        self.values[layer, :, self.length:end] = values
+        return self.keys_t[layer, :, :, :end], self.values[layer, :, :end]
+
+
+class LeanLlama:
+    device = DEVICE
+
+    def __init__(self, config: dict, state: dict[str, torch.Tensor], generation_config: dict | None = None):
+        self.config = config
+        self.generation_config = generation_config or {}  # its eos_token_id also ends generation
+        self.hidden = config["hidden_size"]
+        self.heads = config["num_attention_heads"]
+        self.kv_heads = config.get("num_key_value_heads") or self.heads
+        self.head_dim = config.get("head_dim") or self.hidden // self.heads
+        self.eps = np.float32(config.get("rms_norm_eps", 1e-6))
+        self.intermediate = config["intermediate_size"]
+        self.max_positions = config.get("max_position_embeddings", 4096)
+        self.inv_freq = inverse_frequencies(config, self.head_dim)
+
+        def take(name: str) -> torch.Tensor:
+            try:
+                return state.pop(name)
+            except KeyError:
+                raise LeanModelError(f"the base model's weights lack {name}") from None
+
+        def norm(name: str) -> np.ndarray:
+            return take(name).float().contiguous().numpy()
+
+        # Every product's weight, q/k/v and gate/up stacked, copied into one arena in the
+        # checkpoint's dtype (matvec.py); each source tensor is dropped once copied.
+        tied = config.get("tie_word_embeddings") or "lm_head.weight" not in state
+        names = [["model.embed_tokens.weight"]] if tied else [["model.embed_tokens.weight"], ["lm_head.weight"]]
+        for i in range(config["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            names += [[p + f"self_attn.{n}_proj.weight" for n in "qkv"], [p + "self_attn.o_proj.weight"],
+                      [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [p + "mlp.down_proj.weight"]]
+        missing = next((name for group in names for name in group if name not in state), None)
+        if missing:
+            raise LeanModelError(f"the base model's weights lack {missing}")
+        arena = WeightArena([[state[name] for name in group] for group in names])
+        matrices = [arena.store([take(name) for name in group]) for group in names]
+        # A tied model keeps one copy for both: embeddings are a few rows a step, the head every row.
+        self.embed = matrices.pop(0)
+        self.head = self.embed if tied else matrices.pop(0)
+        self.layers = [Layer(norm(f"model.layers.{i}.input_layernorm.weight"), *matrices[4 * i:4 * i + 2],
+                             norm(f"model.layers.{i}.post_attention_layernorm.weight"), *matrices[4 * i + 2:4 * i + 4])
+                       for i in range(config["num_hidden_layers"])]
+        self.norm = norm("model.norm.weight")
+        # room for the largest 16-bit layer weight widened to fp32 (the head only ever sees one row)
+        widened = [w.bits.size for layer in self.layers for w in layer.products() if w.dtype != "float32"]
+        self.scratch = np.empty(max(widened, default=0), np.float32)
+        state.pop("lm_head.weight", None)  # a tied model may store the head too: the same weights
+        state.pop("model.rotary_emb.inv_freq", None)  # older checkpoints store it; recomputed above
+        if state:
+            raise LeanModelError(f"unexpected weights in the base model: {sorted(state)[:5]}")
+
+    @classmethod
+    def load(cls, base_dir: Path, adapter_dir: Path | None = None) -> LeanLlama:
+        config = read_config(base_dir)
+        state = load_safetensors(Path(base_dir))
+        if adapter_dir is not None:
+            merge_lora(state, adapter_dir)  # merged matrices become fp32; the rest keep their dtype
+        has_generation_config = (Path(base_dir) / "generation_config.json").exists()
+        generation_config = read_config(base_dir, "generation_config.json") if has_generation_config else None
+        model = cls(config, state, generation_config)
+        # numba's first call costs ~0.2 s (loading its cached machine code): paid here, not by the
+        # first token. (Not in a thread while the weights load: no start-up gain measured, and
+        # coglet then lost the setup's later log lines.)
+        warm_up({model.head.dtype} | {w.dtype for layer in model.layers for w in layer.products()})
+        return model
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes read per decoded token: every weight once (a tied head counted once)."""
+        weights = {id(w): w for w in (self.head, self.norm)}  # embeddings: a few rows, not counted
+        for layer in self.layers:
+            weights.update((id(w), w) for w in vars(layer).values())
+        return sum(w.nbytes for w in weights.values())
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(len(self.layers), self.kv_heads, self.head_dim, capacity)
+
+    # The Decoder interface (serving/decoder.py)
+    @property
+    def context_length(self) -> int:
+        return self.max_positions
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return eos_ids_in(self.generation_config, self.config)
+
+    @contextlib.contextmanager
+    def feeder(self, capacity: int):
+        cache = self.new_cache(capacity)
+        yield lambda ids: self.forward(ids, cache)
+
+    def forward(self, ids: list[int], cache: KVCache) -> torch.Tensor:
+        """Feed the next ids (all of the prompt, then one at a time); logits [vocab] of the last."""
+        # A new token's products run on numba's threads. torch's own threads would spin between
+        # its ops and starve them (measured 4 instead of 25 tokens/s, with OpenBLAS then), so
+        # torch keeps to the calling thread meanwhile; a prompt's products are torch's, on all
+        # its threads.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if len(ids) == 1 else threads)
+        try:
+            with np.errstate(over="ignore"):  # _silu's exp: overflow to inf is intended
+                return torch.from_numpy(self._forward(ids, cache))
+        finally:
+            torch.set_num_threads(threads)
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], cache: KVCache) -> np.ndarray:
+        start, count = cache.length, len(ids)
+        if count > 1 and start:
+            raise ValueError("several ids at once only for the prompt, into an empty cache")
+        if start + count > self.max_positions:
+            raise ValueError(f"{start + count} positions > the model's {self.max_positions}")
+        # cos/sin by torch, as transformers computes them (numpy's cos may round differently)
+        angles = torch.arange(start, start + count, dtype=torch.float32)[:, None] * self.inv_freq  # [T, D/2]
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().numpy(), angles.sin().numpy()
+        heads, kv_heads = self.heads, self.kv_heads
+        x = self.embed.rows(ids)  # [T, hidden] fp32
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, self.eps)
+            qkv = _product(h, layer.qkv, self.scratch).reshape(count, heads + 2 * kv_heads, self.head_dim).transpose(1, 0, 2)
+            qk = _rotate(qkv[:heads + kv_heads], cos, sin)  # q and k heads in one go
+            q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
+            keys_t, values = cache.extend(index, k, v)
+            # several ids only go into an empty cache (checked above): the prompt attends to itself
+            attended = self._attend_prompt(q, k, v) if count > 1 else self._attend_one(q, keys_t, values)
+            x = x + _product(attended, layer.o, self.scratch)
+            h = _rms_norm(x, layer.post_norm, self.eps)
+            gate_up = _product(h, layer.gate_up, self.scratch)
+            x = x + _product(_silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:], layer.down,
+                             self.scratch)
+        cache.length += count
+        return self.head.matvec(_rms_norm(x[-1:], self.norm, self.eps)[0])
+
+    def _attend_prompt(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """The prompt into an empty cache: q [heads, T, D], keys/values [kv_heads, T, D] -> [T, heads * D].
+        torch's fused causal kernel, whose memory grows with T rather than T^2."""
+        attended = F.scaled_dot_product_attention(
+            torch.from_numpy(q)[None], torch.from_numpy(keys)[None], torch.from_numpy(values)[None],
+            is_causal=True, enable_gqa=self.kv_heads != self.heads)[0].numpy()
+        return attended.transpose(1, 0, 2).reshape(q.shape[1], -1)
+
+    def _attend_one(self, q: np.ndarray, keys_t: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """One new token: q [heads, 1, D], keys_t [kv_heads, D, positions], values [kv_heads,
+        positions, D] -> [1, heads * D]. A handful of numpy calls, each a few times cheaper than
+        torch's on tensors this small (~1-3 vs ~5-10 us). Query head h reads kv head h // group, as transformers'
+        repeat_kv."""
+        group = self.heads // self.kv_heads
+        scores = q.reshape(self.kv_heads, group, self.head_dim) @ keys_t
+        scores *= np.float32(1 / math.sqrt(self.head_dim))
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        return (weights @ values).reshape(1, -1)
+
+
+def load_safetensors(base_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of model.safetensors, or of the shards its index lists."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = base_dir / "model.safetensors.index.json"
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+            else ["model.safetensors"]
+        state = {}
+        for name in files:
+            state.update(load_file(str(base_dir / name)))
+        return state
+    except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as err:
+        raise LeanModelError(f"{base_dir}: cannot read the base model's safetensors: {err}") from None
+

@@ -1,0 +1,104 @@
+"""The training output: a verified PEFT adapter, packed with what is needed to use and judge it.
+
+The archive's layout is adapter_files.py's. Saving checks the adapter is real (alpaca-lora's
+state_dict monkeypatch once wrote 443-byte adapters with no weights in them).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import torch
+
+from ..adapter_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_SUBDIR,
+    ADAPTER_WEIGHTS,
+    ARCHIVE_NAME,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+)
+from ..errors import UserError
+
+
+class ArtifactError(UserError):
+    """An adapter or archive is unusable; the message names the file and the problem."""
+
+
+def expected_lora_shapes(peft_model) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every LoRA tensor, enumerated from the modules (independently of PEFT's
+    own state-dict helper, which is what the check guards)."""
+    shapes = {}
+    for name, module in peft_model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or not lora_a:
+            continue
+        for adapter_name in lora_a:
+            prefix = name if adapter_name == "default" else f"{name}.{adapter_name}"
+            shapes[f"{prefix}.lora_A.weight"] = tuple(lora_a[adapter_name].weight.shape)
+            shapes[f"{prefix}.lora_B.weight"] = tuple(module.lora_B[adapter_name].weight.shape)
+    return shapes
+
+
+def snapshot_lora(peft_model) -> dict[str, torch.Tensor]:
+    """Copies of the trainable tensors, to prove later that training changed them."""
+    return {n: p.detach().clone().cpu() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def verify_adapter_dir(adapter_dir: Path, expected: dict[str, tuple[int, ...]],
+                       initial: dict[str, torch.Tensor] | None = None) -> None:
+    from safetensors.torch import load_file
+
+    weights_file = adapter_dir / ADAPTER_WEIGHTS
+    if not (adapter_dir / ADAPTER_CONFIG).is_file() or not weights_file.is_file():
+        raise ArtifactError(f"{adapter_dir}: {ADAPTER_CONFIG} or {ADAPTER_WEIGHTS} missing")
+    saved = load_file(str(weights_file))
+    want = {_saved_key(key): shape for key, shape in expected.items()}
+    missing = sorted(set(want) - set(saved))
+    if not saved or missing:
+        raise ArtifactError(f"{weights_file}: {len(saved)} tensors saved, {len(missing)} LoRA tensors "
+                            f"missing (e.g. {missing[:2]}); refusing to write an empty adapter")
+    for key, shape in want.items():
+        if tuple(saved[key].shape) != shape:
+            raise ArtifactError(f"{weights_file}: {key} has shape {tuple(saved[key].shape)}, "
+                                f"expected {shape}")
+    if initial is not None:
+        before = {_saved_key(key): value for key, value in initial.items()}
+        lora_b = [k for k in want if k.endswith("lora_B.weight")]
+        unchanged = [k for k in lora_b if k in before and torch.equal(saved[k].float(), before[k].float())]
+        if len(unchanged) == len(lora_b):
+            raise ArtifactError(f"{weights_file}: no LoRA weight moved from its initial value; "
+                                f"training did not update the adapter")
+
+
+def _saved_key(name: str) -> str:
+    """PEFT saves keys without the adapter name: "...q_proj.lora_A.default.weight" -> "...lora_A.weight"."""
+    return name.replace(".default.", ".")
+
+
+def save_adapter(peft_model, adapter_dir: Path, initial: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the PEFT adapter directory and check its contents before anyone relies on it."""
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    verify_adapter_dir(adapter_dir, expected_lora_shapes(peft_model), initial)
+    return adapter_dir
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def pack(output_dir: Path) -> Path:
+    """adapter.tar.gz in output_dir with the adapter and the run's config, metrics and plot."""
+    archive = output_dir / ARCHIVE_NAME
+    partial = output_dir / (ARCHIVE_NAME + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(output_dir / ADAPTER_SUBDIR, arcname=ADAPTER_SUBDIR)
+        for name in (CONFIG_FILE, METRICS_FILE, PLOT_FILE):
+            if (output_dir / name).exists():
+                tar.add(output_dir / name, arcname=name)
+    partial.rename(archive)
+    return archive

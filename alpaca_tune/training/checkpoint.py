@@ -1,0 +1,82 @@
+"""Resumable checkpoints: adapter, optimizer, scheduler, RNG and step, all in safetensors + JSON.
+
+    checkpoints/step-000050/
+        adapter/                   the PEFT adapter at that step
+        optimizer.safetensors      AdamW moments, flattened as state.<param index>.<name>
+        trainer_state.json         step, scheduler state, optimizer param groups, metrics so far
+        rng.safetensors            torch (and CUDA) generator states, so dropout continues the same
+A resumed run recomputes the data order from (seed, epoch) and skips what was consumed, so it
+ends with the same adapter as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, incomplete or does not fit this run."""
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def save_checkpoint(path: Path, peft_model, optimizer, scheduler, step: int, metrics: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    peft_model.save_pretrained(str(partial / "adapter"), safe_serialization=True)
+    opt_state = optimizer.state_dict()
+    tensors = {f"state.{index}.{name}": value.contiguous()
+               for index, slots in opt_state["state"].items() for name, value in slots.items()}
+    save_file(tensors, str(partial / "optimizer.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(partial / "rng.safetensors"))
+    state = {"step": step, "scheduler": scheduler.state_dict(),
+             "param_groups": opt_state["param_groups"], "metrics": metrics}
+    (partial / STATE_FILE).write_text(json.dumps(state, indent=1))
+    shutil.rmtree(path, ignore_errors=True)
+    partial.rename(path)  # a checkpoint dir either is complete or does not exist
+
+
+def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore everything saved; returns (step, metrics so far)."""
+    from peft import set_peft_model_state_dict
+
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"resume_from_checkpoint={str(path)!r}: no {STATE_FILE} there; "
+                              f"expected a directory like OUTPUT/checkpoints/step-000050")
+    state = json.loads(state_file.read_text())
+    adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(peft_model, adapter)
+    if getattr(result, "unexpected_keys", None):
+        raise CheckpointError(f"{path}: adapter does not fit this model/LoRA settings "
+                              f"(unexpected {result.unexpected_keys[:2]})")
+    flat = load_file(str(path / "optimizer.safetensors"))
+    slots: dict[int, dict] = {}
+    for key, value in flat.items():
+        _, index, name = key.split(".", 2)
+        slots.setdefault(int(index), {})[name] = value
+    try:
+        optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: optimizer state does not fit this run: {err}") from None
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"], state["metrics"]

@@ -1,0 +1,136 @@
+"""The LoRA training run: data -> adapter archive with config, metrics and loss plot.
+
+A plain loop rather than HF Trainer, because the speed-ups that matter here (packing with exact
+example isolation, LM head only at labelled positions, a preamble shared within a step) and
+exact resume are simplest to get right when the loop is ours. Order of work: everything that can
+reject the input (settings, template, data) happens before the model is loaded, so bad input
+fails in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .. import device as machine
+from ..base_model import load_tokenizer, resolve_base_dir
+from ..data.batching import make_batch
+from ..data.prompts import load_template
+from ..data.records import DataError, load_records, split_records
+from ..data.tokenization import tokenize_records
+from ..settings import TrainSettings, validate
+from . import adapter
+from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from .cpu.shared_prefix import shared_prefix_usable
+from .fast_paths import switch_on_fast_paths, wanted
+from .model import attach_lora, load_frozen_base
+from .outputs import TrainResult, write_outputs
+from .plan import StepPlan
+from .precision import cpu_auto_dtype, training_dtype
+from .progress import ProgressLog
+from .steps import evaluate, make_optimizer, optimizer_step
+
+log = logging.getLogger(__name__)
+
+
+def prepare_examples(records, settings: TrainSettings, tokenizer, template):
+    """Validated records -> (train examples, validation examples, stats); DataError if nothing is left."""
+    train_records, val_records = split_records(records, settings.val_set_size, settings.seed)
+    train, stats = tokenize_records(train_records, template, tokenizer, settings.cutoff_len,
+                                    settings.train_on_inputs, progress=len(records) > 5000)
+    val, val_stats = tokenize_records(val_records, template, tokenizer, settings.cutoff_len,
+                                      settings.train_on_inputs)
+    if not train:
+        raise DataError(f"{settings.train_data}: no example has a response token within "
+                        f"cutoff_len={settings.cutoff_len}; raise cutoff_len")
+    log.info("data: %d records -> %d train / %d validation examples; %d truncated at cutoff_len=%d, "
+             "%d dropped (prompt alone fills cutoff_len)", len(records), len(train), len(val),
+             stats.truncated + val_stats.truncated, settings.cutoff_len, stats.dropped + val_stats.dropped)
+    return train, val, {"records": len(records), "train_examples": len(train), "val_examples": len(val),
+                        "truncated": stats.truncated + val_stats.truncated,
+                        "dropped": stats.dropped + val_stats.dropped,
+                        "train_tokens_per_epoch": stats.tokens,
+                        "train_label_tokens_per_epoch": stats.label_tokens}
+
+
+def run_training(settings: TrainSettings) -> TrainResult:
+    validate(settings)
+    template = load_template(settings.prompt_template)
+    records = load_records(settings.train_data)
+    started = time.perf_counter()
+    # Everything that can reject the data (its records, the split, cutoff_len) runs on the
+    # tokenizer alone, before the model is loaded or anything is written.
+    base_dir = resolve_base_dir(settings.base_model)
+    tokenizer = load_tokenizer(base_dir)
+    train_examples, val_examples, data_stats = prepare_examples(records, settings, tokenizer, template)
+    output_dir = Path(settings.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    device = machine.pick_device()
+    base_dtype = training_dtype(settings.precision, device)
+    base = load_frozen_base(base_dir, settings.quantization, device, base_dtype)
+    model = attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
+                        settings.lora_target_modules, settings.seed,
+                        quantized=settings.quantization != "none",
+                        gradient_checkpointing=settings.gradient_checkpointing)
+    fast = switch_on_fast_paths(model, device, base_dtype, quantized=settings.quantization != "none",
+                                compile_layers=settings.torch_compile)
+    causal_lm = model.get_base_model()  # LoRA layers live inside it; loss.py calls its parts
+    share_prefix = (shared_prefix_usable(causal_lm, settings.packing, settings.gradient_checkpointing)
+                    and wanted("shared_preamble"))
+    fast.switched_on["shared_preamble"] = share_prefix
+    if share_prefix:
+        log.info("a preamble shared by a step's rows (the prompt template's) is computed once per step")
+    initial = adapter.snapshot_lora(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA: %s trainable parameters (r=%d, alpha=%d, targets=%s)", f"{trainable:,}",
+             settings.lora_rank, settings.lora_alpha, settings.lora_target_modules)
+    ran = {"device": str(device), "base_dtype": str(base_dtype).removeprefix("torch."),
+           "attention": causal_lm.config._attn_implementation, "fast_paths": fast.switched_on,
+           "machine": machine.describe()}
+    if settings.precision == "auto" and device.type == "cpu":
+        ran["precision_probe"] = cpu_auto_dtype()[1]  # the timings auto chose by
+
+    plan = StepPlan([len(e) for e in train_examples], settings.train_batch_size,
+                    settings.gradient_accumulation_steps, settings.seed, settings.group_by_length)
+    total_steps = plan.total_steps(settings.num_train_epochs, settings.max_steps)
+    optimizer, scheduler = make_optimizer(model, settings, total_steps)
+    history: list[dict] = []
+    evals: list[dict] = []
+    start_step = 0
+    if settings.resume_from_checkpoint:
+        start_step, saved = load_checkpoint(Path(settings.resume_from_checkpoint), model, optimizer,
+                                            scheduler)
+        history, evals = saved["history"], saved["evals"]
+        log.info("resumed from %s at step %d", settings.resume_from_checkpoint, start_step)
+
+    pad_id = tokenizer.pad_token_id
+    meter = ProgressLog(total_steps, start_step, settings.logging_steps)
+    log.info("training: %d steps (%d per epoch), micro-batch %d x %d accumulation, %s on %s",
+             total_steps, plan.steps_per_epoch, settings.train_batch_size,
+             settings.gradient_accumulation_steps, "packed" if settings.packing else "padded", device)
+    model.train()
+    for step in range(start_step, total_steps):
+        batches = [make_batch([train_examples[i] for i in indices], settings.packing, pad_id)
+                   for indices in plan.step(step)]
+        loss, lr, tokens, slots = optimizer_step(model, causal_lm, batches, optimizer, scheduler,
+                                                 settings.max_grad_norm, device, fast.compute, share_prefix)
+        done = step + 1
+        meter.step_done(done, loss, lr, tokens, history)
+        history[-1]["padded_tokens"] = slots
+        if val_examples and settings.eval_steps and done % settings.eval_steps == 0 and done < total_steps:
+            evals.append({"step": done, "eval_loss": evaluate(causal_lm, val_examples,
+                          settings.train_batch_size, settings.packing, pad_id, device, fast.compute)})
+            log.info("step %d/%d  eval loss %.4f", done, total_steps, evals[-1]["eval_loss"])
+        if settings.save_steps and done % settings.save_steps == 0 and done < total_steps:
+            save_checkpoint(checkpoint_dir(output_dir, done), model, optimizer, scheduler, done,
+                            {"history": history, "evals": evals})
+            log.info("checkpoint saved: %s", checkpoint_dir(output_dir, done))
+
+    if val_examples:
+        evals.append({"step": total_steps, "eval_loss": evaluate(
+            causal_lm, val_examples, settings.train_batch_size, settings.packing, pad_id, device, fast.compute)})
+        log.info("final eval loss %.4f", evals[-1]["eval_loss"])
+    return write_outputs(settings, output_dir, model, initial, template, causal_lm, ran, history, evals,
+                         data_stats, meter, started, start_step)
