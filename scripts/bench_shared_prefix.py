@@ -34,6 +34,7 @@ def main() -> None:
 
     import bench_train
     import torch
+
     from alpaca_tune import device as machine
     from alpaca_tune.base_model import load_tokenizer, resolve_base_dir
     from alpaca_tune.data.batching import make_batch

@@ -16,7 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alpaca_tune.base_model import (  # noqa: E402
-    WEIGHTS_DIR, is_model_dir, load_causal_lm, load_tokenizer, prepare_embedded, resolve_base_dir,
+    WEIGHTS_DIR,
+    is_model_dir,
+    load_causal_lm,
+    load_tokenizer,
+    prepare_embedded,
+    resolve_base_dir,
 )
 from alpaca_tune.cli import run_or_exit, setup_logging  # noqa: E402
 

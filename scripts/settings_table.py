@@ -46,7 +46,11 @@ def render(text: str) -> str:
 
 
 if __name__ == "__main__":
-    if "--write" in sys.argv:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The input tables of README.md, from the settings.")
+    parser.add_argument("--write", action="store_true", help="rewrite them in README.md (default: print them)")
+    if parser.parse_args().write:
         README.write_text(render(README.read_text()))
     else:
         print("\n\n".join(table(cls) for cls in TABLES.values()))

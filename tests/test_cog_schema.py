@@ -33,10 +33,6 @@ def test_committed_schema_is_up_to_date(generated):
     assert cog_schema.main(["--check"]) == 0
 
 
-def test_generation_is_deterministic(generated):
-    assert cog_schema.render(cog_schema.build_schema(ROOT)) == cog_schema.render(generated)
-
-
 def test_layout_of_cog_build(generated):
     assert generated["openapi"] == "3.0.2" and generated["info"]["title"] == "Cog"
     assert set(generated["paths"]) == {"/", "/health-check", "/predictions", "/predictions/{prediction_id}/cancel",

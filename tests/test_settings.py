@@ -27,8 +27,9 @@ def _cog_params(function):
     ("train:train", TrainSettings, REQUIRED_TRAIN_INPUTS),
     ("predict:Predictor.predict", GenerateSettings, REQUIRED_PREDICT_INPUTS),
 ])
-def test_cog_inputs_mirror_the_settings(entry, cls, required):
-    """One source of truth: every Cog input is a settings field with the same type, default and range."""
+def test_every_setting_is_a_cog_input_of_the_entry_point(entry, cls, required):
+    """The signatures are written by hand: a setting added without its parameter (or with another
+    type, or out of order, which reorders the API's inputs) fails here."""
     import importlib
 
     module_name, attr = entry.split(":")
@@ -36,19 +37,41 @@ def test_cog_inputs_mirror_the_settings(entry, cls, required):
     for part in attr.split("."):
         target = getattr(target, part)
     params = _cog_params(target)
-    fields = {f.name: f for f in fields_of(cls, cog_only=True)}
+    fields = fields_of(cls, cog_only=True)
     assert required <= set(params)
-    assert set(params) == set(fields)
-    for name, param in params.items():
-        field, cog_input = fields[name], param.default
-        expected_type = "Path" if name == "train_data" else field.type
-        assert getattr(param.annotation, "__name__", str(param.annotation)) == expected_type, name
-        if field.default is not dataclasses.MISSING:
-            assert cog_input.default == field.default, name
-        assert cog_input.description == field.metadata["help"], name
-        assert cog_input.ge == field.metadata["ge"] and cog_input.le == field.metadata["le"], name
-        assert cog_input.choices == field.metadata["choices"], name
-        assert cog_input.min_length == field.metadata["min_length"], name
+    assert list(params) == [f.name for f in fields]
+    for field in fields:
+        annotation = params[field.name].annotation
+        expected_type = "Path" if field.name == "train_data" else field.type
+        assert getattr(annotation, "__name__", str(annotation)) == expected_type, field.name
+
+
+def _bounded(cls):
+    return [(f.name, f.metadata["ge"], f.metadata["le"], f.type) for f in fields_of(cls)
+            if f.metadata["ge"] is not None]
+
+
+@pytest.mark.parametrize("name, low, high, kind", _bounded(TrainSettings))
+def test_every_train_bound_is_enforced_on_the_command_line(name, low, high, kind, capsys):
+    """Each bound holds at its value and fails one step past it, with the flag's name."""
+    step = 1 if kind == "int" else 1e-9 * max(1.0, abs(high))
+    base = ["--train_data", "x.json"] if name != "train_data" else []
+    for value in (low, high):
+        assert getattr(parse_args(TrainSettings, base + [f"--{name}={value}"], "t"), name) == value
+    for value in (low - step, high + step):
+        with pytest.raises(SystemExit):
+            parse_args(TrainSettings, base + [f"--{name}={value!r}"], "t")
+        assert f"{name}={value!r}: must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, low, high, kind", _bounded(GenerateSettings))
+def test_every_generate_bound_is_enforced(name, low, high, kind):
+    step = 1 if kind == "int" else 1e-9 * max(1.0, abs(high))
+    for value in (low, high):
+        validate(dataclasses.replace(GenerateSettings(prompt="hi"), **{name: value}))
+    for value in (low - step, high + step):
+        with pytest.raises(SettingsError, match=f"{name}="):
+            validate(dataclasses.replace(GenerateSettings(prompt="hi"), **{name: value}))
 
 
 def test_cli_uses_the_same_names_and_defaults():

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..adapter_files import ADAPTER_SUBDIR, ADAPTER_WEIGHTS
 from ..errors import UserError
 
 STATE_FILE = "trainer_state.json"
@@ -35,7 +36,7 @@ def save_checkpoint(path: Path, peft_model, optimizer, scheduler, step: int, met
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    peft_model.save_pretrained(str(partial / "adapter"), safe_serialization=True)
+    peft_model.save_pretrained(str(partial / ADAPTER_SUBDIR), safe_serialization=True)
     opt_state = optimizer.state_dict()
     tensors = {f"state.{index}.{name}": value.contiguous()
                for index, slots in opt_state["state"].items() for name, value in slots.items()}
@@ -52,31 +53,57 @@ def save_checkpoint(path: Path, peft_model, optimizer, scheduler, step: int, met
 
 
 def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore everything saved; returns (step, metrics so far)."""
+    """Restore everything saved; returns (step, metrics so far). A checkpoint that is incomplete,
+    unreadable or made with other LoRA settings is a CheckpointError naming the file."""
     from peft import set_peft_model_state_dict
 
+    where = f"resume_from_checkpoint={str(path)!r}"
     state_file = path / STATE_FILE
     if not state_file.is_file():
-        raise CheckpointError(f"resume_from_checkpoint={str(path)!r}: no {STATE_FILE} there; "
-                              f"expected a directory like OUTPUT/checkpoints/step-000050")
-    state = json.loads(state_file.read_text())
-    adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        raise CheckpointError(f"{where}: no {STATE_FILE} there; expected a directory like "
+                              f"OUTPUT/checkpoints/step-000050")
+    try:
+        state = json.loads(state_file.read_text())
+        step, metrics = int(state["step"]), state["metrics"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{state_file}: not a readable trainer state ({err})") from None
+    adapter = _read_tensors(path / ADAPTER_SUBDIR / ADAPTER_WEIGHTS)
+    expected = {name.replace(".default.", "."): tuple(value.shape)
+                for name, value in peft_model.state_dict().items() if "lora_" in name}
+    for name, value in adapter.items():
+        if name in expected and tuple(value.shape) != expected[name]:
+            raise CheckpointError(f"{path / ADAPTER_SUBDIR / ADAPTER_WEIGHTS}: {name} has shape "
+                                  f"{tuple(value.shape)}, this run's LoRA has {expected[name]}: resume with the "
+                                  f"lora_rank and lora_target_modules the checkpoint was made with")
     result = set_peft_model_state_dict(peft_model, adapter)
     if getattr(result, "unexpected_keys", None):
         raise CheckpointError(f"{path}: adapter does not fit this model/LoRA settings "
-                              f"(unexpected {result.unexpected_keys[:2]})")
-    flat = load_file(str(path / "optimizer.safetensors"))
+                              f"(unexpected {result.unexpected_keys[:2]}); resume with the checkpoint's "
+                              f"lora_target_modules")
+    flat = _read_tensors(path / "optimizer.safetensors")
     slots: dict[int, dict] = {}
     for key, value in flat.items():
         _, index, name = key.split(".", 2)
         slots.setdefault(int(index), {})[name] = value
     try:
         optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
-    except (ValueError, KeyError) as err:
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: optimizer state does not fit this run: {err}") from None
-    scheduler.load_state_dict(state["scheduler"])
-    rng = load_file(str(path / "rng.safetensors"))
+    rng = _read_tensors(path / "rng.safetensors")
+    if "torch" not in rng:
+        raise CheckpointError(f"{path / 'rng.safetensors'}: holds no torch generator state")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return state["step"], state["metrics"]
+    return step, metrics
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: cannot read the checkpoint's tensors ({err}); the checkpoint is "
+                              f"incomplete or damaged") from None

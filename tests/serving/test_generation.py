@@ -146,3 +146,17 @@ def test_merged_adapter_equals_unmerged(tiny_model_dir, tmp_path):
         expected = unmerged(input_ids=ids).logits
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
         assert (plain(input_ids=ids).logits - expected).abs().max() > 1e-3  # the adapter does something
+
+
+def test_a_static_cache_without_its_write_position_is_an_error(model_and_tokenizer):
+    """cuda_graph.py rewinds StaticCache's device-side write position; if transformers stops keeping
+    it there, rewinding would silently do nothing and replays would write past the request."""
+    from alpaca_tune.serving.cuda_graph import StaticCacheFeeder
+
+    decoder, _ = model_and_tokenizer
+    feeder = StaticCacheFeeder(decoder.model, capacity=16)
+    feeder.restart()  # fine as transformers is
+    for layer in feeder.cache.layers:
+        del layer.cumulative_length
+    with pytest.raises(RuntimeError, match="no longer keep their write position"):
+        feeder.restart()

@@ -251,3 +251,30 @@ def test_a_failing_compiler_leaves_the_layers_uncompiled_not_the_run_broken(tiny
     monkeypatch.delenv("CC", raising=False)
     assert fast_paths.compiler_missing() in ("Triton is not installed",
                                            "no C compiler found (Triton needs one; set CC or install gcc)")
+
+
+def test_mid_run_evaluation_is_the_loss_of_the_adapter_at_that_step(settings, tmp_path):
+    """eval_steps=2 evaluates after steps 2, 4 and 6 and at the end; with a constant learning rate
+    a run stopped at step 4 holds the adapter of step 4, whose final eval must equal the mid-run one."""
+    constant = dataclasses.replace(settings, lr_scheduler="constant", lora_dropout=0.0, learning_rate=1e-2)
+    run = run_training(dataclasses.replace(constant, eval_steps=2))
+    evals = run.metrics["evals"]
+    assert [e["step"] for e in evals] == [2, 4, 6, 8]
+    assert len({round(e["eval_loss"], 6) for e in evals}) == 4  # the adapter moved between evaluations
+    stopped = run_training(dataclasses.replace(constant, max_steps=4, output_dir=str(tmp_path / "four")))
+    assert stopped.metrics["evals"] == [{"step": 4, "eval_loss": pytest.approx(evals[1]["eval_loss"], rel=1e-5)}]
+    no_mid_run = run_training(dataclasses.replace(constant, output_dir=str(tmp_path / "end-only")))
+    assert [e["step"] for e in no_mid_run.metrics["evals"]] == [8]
+
+
+def test_training_config_records_what_ran(settings):
+    from alpaca_tune.device import cpu_model
+
+    result = run_training(dataclasses.replace(settings, max_steps=2, precision="fp32"))
+    ran = json.loads((result.output_dir / "training_config.json").read_text())["ran"]
+    assert ran["device"] == "cpu" and ran["base_dtype"] == "float32" and ran["attention"] == "sdpa"
+    assert ran["machine"]["cpu"] == cpu_model() and ran["machine"]["cpu_cores"] >= 1
+    # fp32 on CPU: dropout swapped for every adapted layer (2 layers x q, v); no bf16-only paths
+    assert ran["fast_paths"]["cpu_dropout"] == 4 and ran["fast_paths"]["bf16_lora_products"] is False
+    assert "cpu_attention" not in ran["fast_paths"] and ran["fast_paths"]["shared_preamble"] is False
+    assert "precision_probe" not in ran  # precision was given, not measured
