@@ -51,6 +51,8 @@ def describe() -> dict:
     """What a figure or a training run should name: CPU model, cores, speed flags, and the GPU."""
     info = {"cpu": cpu_model(), "cpu_cores": len(os.sched_getaffinity(0)), "cpu_flags": cpu_flags(),
             "torch": torch.__version__}
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):  # oneDNN (torch's CPU products) kept below the CPU's ISA
+        info["onednn_max_cpu_isa"] = os.environ["ONEDNN_MAX_CPU_ISA"]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -60,4 +62,6 @@ def describe_line() -> str:
     """describe() on one line, for benchmark output."""
     info = describe()
     text = f"{info['cpu']}, {info['cpu_cores']} cores, flags: {' '.join(info['cpu_flags']) or 'none of ' + ' '.join(SPEED_FLAGS)}"
+    if "onednn_max_cpu_isa" in info:
+        text += f"; oneDNN limited to {info['onednn_max_cpu_isa']}"
     return text + (f"; GPU: {info['gpu']}" if "gpu" in info else "")

@@ -1,4 +1,4 @@
-"""Training attention on CPU: cpu_attention's blockwise bf16 products vs PyTorch's SDPA in fp32.
+"""Training attention on CPU: training/cpu/attention.py's blockwise bf16 products vs PyTorch's SDPA in fp32.
 
     .venv/bin/python scripts/bench_attention.py                     # SmolLM2's shapes
     .venv/bin/python scripts/bench_attention.py --lengths 128,512 --rounds 12

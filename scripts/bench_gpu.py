@@ -6,7 +6,7 @@
 
 The random model is saved once as safetensors and loaded the way train.py loads a base
 (alpaca_tune.training.model.load_frozen_base: bf16, or NF4 through transformers' bitsandbytes integration), and
-each step is the trainer's own (training.optimizer_step: label-only head and loss, LoRA products
+each step is the trainer's own (training/steps.py's optimizer_step: label-only head and loss, LoRA products
 under bf16 autocast, AdamW on the LoRA weights). Reports, in this one run:
   - LoRA training (r=8, q_proj/v_proj) tokens/s, MFU and peak memory at seq 512 and 2048, for the
     bf16 base eager and with torch_compile's compiled layers, and for the 4-bit QLoRA base (with and

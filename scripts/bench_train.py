@@ -21,9 +21,9 @@ is its own.
             blockwise causal attention in bf16 products and the template's preamble computed
             once per optimizer step (README, Performance).
   ours-*    the same with one setting changed (ours-fp32, ours-bf16, ours-packed,
-            ours-no-grouping) or one fast path left off (ours-no-<name>, for each name in
-            alpaca_tune/training/fast_paths.py's NAMES, through $ALPACA_TUNE_FAST_PATHS_OFF), to
-            show what each one is worth in a whole run.
+            ours-no-grouping) or fast paths left off (ours-no-<name>, for each name in
+            alpaca_tune/training/fast_paths.py's NAMES, or several joined by "+", through
+            $ALPACA_TUNE_FAST_PATHS_OFF), to show what each one is worth in a whole run.
 
 Both adapters are then scored by one evaluator on the same held-out records (mean loss per
 response token), so "same result" is measured, not assumed.
@@ -214,9 +214,14 @@ def main() -> None:
     variants = args.variants.split(",")
     from alpaca_tune.training.fast_paths import NAMES
 
-    known = {"baseline", *VARIANTS, *(f"ours-no-{name}" for name in NAMES)}
-    if unknown := [v for v in variants if v not in known]:
-        sys.exit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    def known(variant: str) -> bool:
+        if variant.startswith("ours-no-"):
+            return set(variant.removeprefix("ours-no-").split("+")) <= set(NAMES)
+        return variant in {"baseline", *VARIANTS}
+
+    if unknown := [v for v in variants if not known(v)]:
+        sys.exit(f"unknown variant(s) {', '.join(unknown)}; known: baseline, {', '.join(VARIANTS)}, "
+                 f"ours-no-<{'|'.join(NAMES)}>[+<...>]")
     runs = {variant: [] for variant in variants}  # one result per round
     for round_ in range(args.rounds):
         for variant in variants if round_ % 2 == 0 else variants[::-1]:
@@ -249,7 +254,7 @@ def run_child(variant: str, workdir: Path, base_dir: Path) -> dict:
 
     env = dict(os.environ)
     if variant.startswith("ours-no-"):
-        env[FAST_PATHS_OFF] = variant.removeprefix("ours-no-")
+        env[FAST_PATHS_OFF] = variant.removeprefix("ours-no-").replace("+", ",")
     out = subprocess.run([sys.executable, __file__, "--child", variant, "--workdir", str(workdir),
                           "--base_model", str(base_dir)], capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)

@@ -56,3 +56,16 @@ def test_every_make_target_the_docs_name_exists():
     named = {target for doc in DOCS for target in re.findall(r"`make ([\w-]+)", doc.read_text())}
     named |= {target for doc in DOCS for target in re.findall(r"^\s+make ([\w-]+)", doc.read_text(), flags=re.M)}
     assert named and not named - targets, f"not in the Makefile: {sorted(named - targets)}"
+
+
+PATH_NAMED = re.compile(r"(?<![\w/.])((?:alpaca_tune|tests|scripts|docs)/[\w/.-]*\w)")
+
+
+def test_every_path_the_docs_and_docstrings_name_exists():
+    sources = DOCS + [p for folder in ("alpaca_tune", "scripts", "tests") for p in (ROOT / folder).rglob("*.py")]
+    missing = set()
+    for source in sources:
+        for path in PATH_NAMED.findall(source.read_text()):
+            if not (ROOT / path).exists() and not (ROOT / path.rstrip(".")).exists():
+                missing.add(f"{source.relative_to(ROOT)}: {path}")
+    assert not missing, "\n".join(sorted(missing))

@@ -86,5 +86,5 @@ def load_template(name_or_path: str) -> PromptTemplate:
 
 
 def template_from_json(data: dict) -> PromptTemplate:
-    """Rebuild the template recorded in a training output (see artifacts)."""
+    """Rebuild the template recorded in a training output (see training/outputs.py)."""
     return _from_dict(str(data.get("name", "recorded")), data, "recorded prompt template")

@@ -1,6 +1,6 @@
 """Choosing the next token from logits: repetition penalty, temperature, top-k, top-p.
 
-The same rules and order as transformers' logits processors (tests/test_sampling.py compares them
+The same rules and order as transformers' logits processors (tests/serving/test_sampling.py compares them
 on random logits), written here because serving must not import transformers: that import alone
 costs ~0.8 s of the server's start-up (BENCHMARKS.md, cold start).
 """

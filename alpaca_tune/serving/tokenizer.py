@@ -2,7 +2,7 @@
 
 tokenizer.json holds the whole pipeline (normaliser, pre-tokeniser, model, BOS post-processor,
 decoder), so the Rust library gives transformers' ids without importing transformers, whose
-AutoTokenizer costs ~2.4 s of start-up (BENCHMARKS.md). tests/test_lean_llama.py compares ids and
+AutoTokenizer costs ~2.4 s of start-up (BENCHMARKS.md). tests/serving/lean/test_llama.py compares ids and
 decoded text with AutoTokenizer for each kind of tokenizer the project produces.
 """
 

@@ -96,7 +96,7 @@ class HeadCrossEntropy(torch.autograd.Function):
     """sum_i cross_entropy(hidden[i] @ weight.T, targets[i]), computed a chunk of rows at a time.
 
     The logits are rounded to the weight's dtype before the fp32 softmax, as nn.Linear
-    followed by .float() would; the gradients equal that composition's (tests/test_batching.py).
+    followed by .float() would; the gradients equal that composition's (tests/training/test_loss.py).
     """
 
     @staticmethod

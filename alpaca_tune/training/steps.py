@@ -70,7 +70,7 @@ def accumulate_gradients(causal_lm, batches: list[dict[str, torch.Tensor]], devi
                          share_prefix: bool = False) -> tuple[float, int, int]:
     """The gradients of one step's mean loss per target token, added to the parameters' .grad:
     (that loss, real tokens, computed tokens including padding). With share_prefix, a preamble that
-    the step's rows share is computed once (shared_prefix.py)."""
+    the step's rows share is computed once (cpu/shared_prefix.py)."""
     step_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
     prefix = plan_shared_prefix(batches) if share_prefix else None
     if prefix is not None:

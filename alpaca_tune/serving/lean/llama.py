@@ -14,7 +14,7 @@ tokens at once) and the rotary angles go through torch.
 
 Only what the Llama family needs: RMSNorm, rotary embeddings (default, linear and llama3
 scaling), grouped-query attention, SiLU MLP, tied or separate output head, on CPU. Anything
-else is served by transformers instead (`unsupported_reason`). tests/test_lean_llama.py compares
+else is served by transformers instead (`unsupported_reason`). tests/serving/lean/test_llama.py compares
 logits and greedy tokens with transformers' LlamaForCausalLM.
 """
 

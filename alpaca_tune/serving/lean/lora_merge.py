@@ -3,7 +3,7 @@
 W' = W + scaling * B @ A for every adapted Linear, which is what PEFT's merge computes, without
 importing PEFT (~2.7 s of the server's start-up). Adapters with features this does not implement
 (DoRA, extra trained modules, biases, per-module ranks) are reported, so the caller can serve them
-through PEFT instead. tests/test_lean_llama.py checks the result against PEFT's unmerged model.
+through PEFT instead. tests/serving/lean/test_llama.py checks the result against PEFT's unmerged model.
 """
 
 from __future__ import annotations

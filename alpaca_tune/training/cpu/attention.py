@@ -8,7 +8,7 @@ block is multiplied only with the keys it may see (for 4 blocks, 10/16 of the fu
 Forward + backward of one SmolLM2 layer at 4 x 400 tokens: 38.5 ms with fp32 SDPA (the previous
 path), 20.9 ms here; 1.1x at 128-192 tokens (scripts/bench_attention.py, BENCHMARKS.md).
 
-Precision, checked against an fp64 reference (tests/test_cpu_attention.py): scores are computed
+Precision, checked against an fp64 reference (tests/training/cpu/test_attention.py): scores are computed
 from bf16 q, k in fp32 (a bf16 score rounds by up to ~0.1 at magnitudes of 20, which eager bf16
 attention accepts and this does not); the softmax is in fp32; probabilities, values and
 gradients go through bf16 products with fp32 accumulation, as in PyTorch's own bf16 kernels.

@@ -6,7 +6,7 @@ backward, each a pass over a [tokens x hidden] tensor. A decoder has two norms a
 SmolLM2), so on CPU they were ~5-9% of a training step. Here the forward is four passes (fp32
 copy, sum of squares, scale and round, weight) and the backward six, in place where it can be,
 with the same roundings as transformers' (outputs equal; gradients within fp32 rounding of its
-own: tests/test_cpu_norm.py). Forward + backward of one norm at 4 x 210 tokens, side by side:
+own: tests/training/cpu/test_norm.py). Forward + backward of one norm at 4 x 210 tokens, side by side:
 1.47 ms (transformers) -> 0.93 ms on the project's machine.
 
 Only for a frozen weight (LoRA never trains the norms); a norm whose weight needs a gradient, or

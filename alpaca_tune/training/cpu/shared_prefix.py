@@ -12,7 +12,7 @@ values that layer's queries see). Each row's backward adds into the
 kept keys' and values' gradients; one backward through the preamble's forward at the end of the
 step carries them to the LoRA weights.
 
-Same loss and gradients as computing every row whole (tests/test_shared_prefix.py, LoRA dropout
+Same loss and gradients as computing every row whole (tests/training/cpu/test_shared_prefix.py, LoRA dropout
 off). With LoRA dropout on, the rows that share a preamble share its dropout mask at the
 preamble's positions; each row's mask is still independent Bernoulli(p) per element, so the
 expected gradient is unchanged.
@@ -74,7 +74,7 @@ class SharedPrefix:
 
 
 def shared_prefix_usable(causal_lm, packing: bool, gradient_checkpointing: bool) -> bool:
-    """Whether training can share preambles: cpu_attention's attention (which puts them before
+    """Whether training can share preambles: attention.py's blockwise attention (which puts them before
     the rows' keys), padded rows and no recomputed forwards."""
     return causal_lm.config._attn_implementation == BLOCK_ATTENTION and not packing and not gradient_checkpointing
 

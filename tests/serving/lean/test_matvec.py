@@ -1,4 +1,4 @@
-"""cpu_matvec: the decoding kernels widen bf16/fp16 weights exactly and compute weight @ x, checked
+"""matvec.py: the decoding kernels widen bf16/fp16 weights exactly and compute weight @ x, checked
 against float64 products and against torch's own widening, at shapes that end mid-vector."""
 
 import numpy as np
