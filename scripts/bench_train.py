@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -53,7 +54,6 @@ HYPER = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.05, lora_target_modules=
 # Our trainer's variants: the defaults, then one setting changed, to show what pays.
 VARIANTS = {"ours": {}, "ours-fp32": {"precision": "fp32"}, "ours-bf16": {"precision": "bf16"},
             "ours-packed": {"packing": True}, "ours-no-grouping": {"group_by_length": False}}
-FAST_PATHS_OFF = "ALPACA_TUNE_FAST_PATHS_OFF"  # fast_paths.OFF_ENV (read in the child)
 MIX_SEED = 0
 
 
@@ -250,11 +250,11 @@ def main() -> None:
 
 def run_child(variant: str, workdir: Path, base_dir: Path) -> dict:
     """One variant in its own process (its own peak RSS): its RESULT line."""
-    import os
+    from alpaca_tune.training.fast_paths import OFF_ENV
 
     env = dict(os.environ)
     if variant.startswith("ours-no-"):
-        env[FAST_PATHS_OFF] = variant.removeprefix("ours-no-").replace("+", ",")
+        env[OFF_ENV] = variant.removeprefix("ours-no-").replace("+", ",")
     out = subprocess.run([sys.executable, __file__, "--child", variant, "--workdir", str(workdir),
                           "--base_model", str(base_dir)], capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
