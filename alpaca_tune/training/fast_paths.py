@@ -1,7 +1,7 @@
 """The training speed-ups that depend on the device and dtype, switched on in one place.
 
 loop.py calls switch_on_fast_paths once, after LoRA is attached; what each one buys is measured
-in BENCHMARKS.md (CPU: allocator.py, cpu/dropout.py, cpu/attention.py, cpu/norm.py; bf16: LoRA
+in BENCHMARKS.md (CPU: allocator.py, cpu/dropout.py, cpu/attention.py; bf16: LoRA
 products under autocast; GPU: compiled decoder layers). Each swap of a library's internals counts
 what it replaced; one that replaces nothing where it should (a transformers or PEFT upgrade
 changed what it swaps) says so at WARNING and stays off, and the counts go into
@@ -27,13 +27,12 @@ import torch
 from ..allocator import keep_freed_memory
 from .cpu.attention import use_cpu_attention
 from .cpu.dropout import use_cpu_dropout
-from .cpu.norm import use_cpu_rms_norm
 
 log = logging.getLogger(__name__)
 
 OFF_ENV = "ALPACA_TUNE_FAST_PATHS_OFF"
 NAMES = ("bf16_lora_products", "compiled_layers", "malloc_keeps_freed_memory", "cpu_dropout", "cpu_attention",
-         "cpu_rms_norm", "shared_preamble")
+         "shared_preamble")
 
 
 def wanted(name: str) -> bool:
@@ -86,8 +85,7 @@ def switch_on_fast_paths(model, device: torch.device, base_dtype: torch.dtype, q
         switches = [("malloc_keeps_freed_memory", keep_freed_memory),  # each step re-allocates the same tensors
                     ("cpu_dropout", lambda: use_cpu_dropout(model))]  # same dropout, cheaper masks
         if base_dtype == torch.bfloat16:
-            switches += [("cpu_attention", lambda: use_cpu_attention(causal_lm)),  # bf16 products, blockwise
-                         ("cpu_rms_norm", lambda: use_cpu_rms_norm(causal_lm))]  # fewer passes
+            switches.append(("cpu_attention", lambda: use_cpu_attention(causal_lm)))  # bf16 products, blockwise
         for name, switch_on in switches:
             fast.switched_on[name] = switch_on() if wanted(name) else 0
     log.info("fast paths: %s", ", ".join(f"{name} {value}" for name, value in fast.switched_on.items()))

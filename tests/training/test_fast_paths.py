@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alpaca_tune.training import fast_paths
-from alpaca_tune.training.cpu import attention, dropout, norm
+from alpaca_tune.training.cpu import attention, dropout
 from alpaca_tune.training.model import attach_lora
 from alpaca_tune.training.precision import bf16_supported
 
@@ -23,39 +23,22 @@ def lora_model(tiny_model_dir):
     return attach_lora(base, rank=4, alpha=8, dropout=0.1, target_modules="q_proj,v_proj", seed=0)
 
 
-def _norms_swapped(causal_lm) -> int:
-    return sum("forward" in vars(module) for module in causal_lm.modules() if type(module).__name__ == "LlamaRMSNorm")
-
-
 def test_on_a_bf16_cpu_model_every_swap_counts_what_it_replaced(lora_model):
     fast = fast_paths.switch_on_fast_paths(lora_model, torch.device("cpu"), torch.bfloat16, quantized=False)
     assert fast.switched_on == {"bf16_lora_products": True, "malloc_keeps_freed_memory": True,
-                                "cpu_dropout": 2 * LAYERS, "cpu_attention": LAYERS,
-                                "cpu_rms_norm": 2 * LAYERS + 1}
+                                "cpu_dropout": 2 * LAYERS, "cpu_attention": LAYERS}
     causal_lm = lora_model.get_base_model()
     assert causal_lm.config._attn_implementation == attention.NAME
-    assert _norms_swapped(causal_lm) == 2 * LAYERS + 1
     assert sum(isinstance(m, dropout.CpuDropout) for m in lora_model.modules()) == 2 * LAYERS
 
 
 def test_fast_paths_named_in_the_environment_stay_off(lora_model, monkeypatch):
-    monkeypatch.setenv(fast_paths.OFF_ENV, "cpu_attention,cpu_rms_norm")
+    monkeypatch.setenv(fast_paths.OFF_ENV, "cpu_attention,malloc_keeps_freed_memory")
     fast = fast_paths.switch_on_fast_paths(lora_model, torch.device("cpu"), torch.bfloat16, quantized=False)
-    assert fast.switched_on["cpu_attention"] == 0 and fast.switched_on["cpu_rms_norm"] == 0
+    assert fast.switched_on["cpu_attention"] == 0 and fast.switched_on["malloc_keeps_freed_memory"] == 0
     assert fast.switched_on["cpu_dropout"] == 2 * LAYERS
     causal_lm = lora_model.get_base_model()
-    assert causal_lm.config._attn_implementation == "sdpa" and _norms_swapped(causal_lm) == 0
-
-
-def test_a_norm_that_computes_something_else_now_is_left_alone(lora_model, monkeypatch, caplog):
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    upgraded = LlamaRMSNorm.forward
-    monkeypatch.setattr(LlamaRMSNorm, "forward", lambda self, x: upgraded(self, x) * 2)
-    with caplog.at_level(logging.WARNING):
-        assert norm.use_cpu_rms_norm(lora_model.get_base_model()) == 0
-    assert "no longer computes what cpu/norm.py does" in caplog.text
-    assert _norms_swapped(lora_model.get_base_model()) == 0
+    assert causal_lm.config._attn_implementation == "sdpa"
 
 
 def test_lora_dropouts_kept_elsewhere_are_reported(lora_model, caplog):
