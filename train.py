@@ -13,7 +13,7 @@ import tempfile
 from cog import BaseModel, Input, Path  # noqa: F401  (Input: used through cog_input)
 
 from alpaca_tune.cli import run_or_exit, setup_logging
-from alpaca_tune.settings import TrainSettings, parse_args
+from alpaca_tune.settings import SettingsError, TrainSettings, parse_args
 from alpaca_tune.training.loop import run_training
 from cog_inputs import cog_input, filled_in
 
@@ -55,6 +55,11 @@ def train(
     seed: int = cog_input(T, "seed"),
 ) -> TrainingOutput:
     inputs = filled_in(locals())
+    if isinstance(train_data, str):
+        # coglet downloads a URL or data: URI and passes a Path; a plain string is a path on the
+        # server, which no caller may make it read
+        raise SettingsError("train_data: send the data file itself (a data: URI or an http(s) URL); "
+                            "a path on the server is not read")
     inputs["train_data"] = str(inputs["train_data"])
     setup_logging()
     output_dir = tempfile.mkdtemp(prefix="train-")  # Cog uploads the archive from here when we return

@@ -90,16 +90,35 @@ def resolve_base_dir(base_model: str | Path = "") -> Path:
     return prepare_embedded()
 
 
+def weight_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the base in `base_dir`, from its safetensors headers alone (no
+    tensor is read); a tied LM head counts as the embedding's shape."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for path in sorted(Path(base_dir).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as tensors:
+                shapes.update({key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()})
+        except (OSError, SafetensorError) as err:
+            raise BaseModelError(f"{path}: not a readable safetensors file ({err}); truncated or damaged?") from None
+    if "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+    return shapes
+
+
 def load_causal_lm(base_dir: Path, device, dtype, quantization_config=None):
     """The transformers model in `base_dir` (a resolved directory) on `device` in `dtype`,
     quantized by bitsandbytes when `quantization_config` is given; SDPA attention."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    weight_shapes(base_dir)  # a truncated or damaged weights file is named, not a traceback
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(base_dir), dtype=dtype, attn_implementation="sdpa", quantization_config=quantization_config,
             device_map={"": device} if quantization_config is not None else None)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise BaseModelError(f"{base_dir}: cannot load the base model: {err}") from None
     if quantization_config is None:
         model.to(device)

@@ -60,8 +60,10 @@ class TrainSettings:
                          "layer but the output head.")
     train_on_inputs: bool = option(False, "Also train on the prompt tokens (by default only the "
                                           "response is learned; the prompt is masked out).")
-    prompt_template: str = option("alpaca", "Prompt template: 'alpaca', 'alpaca_short', 'none' "
-                                            "(raw text) or the path of a template JSON file.")
+    prompt_template: str = option("alpaca", "Prompt template: 'alpaca', 'alpaca_short', 'none' (raw "
+                                            "text), a template in $ALPACA_TUNE_TEMPLATE_DIR, or the template "
+                                            "itself as JSON: {\"prompt_input\": ..., \"prompt_no_input\": ..., "
+                                            "\"response_split\": ...}.")
     precision: str = option("auto", "Precision of the frozen base model: auto (bf16 where the hardware "
                                     "has fast bf16, else fp32), bf16 or fp32. LoRA weights stay fp32.",
                             choices=["auto", "bf16", "fp32"])
@@ -90,6 +92,8 @@ class TrainSettings:
                                  "SmolLM2 when weights/ holds no model).", cog=False)
     resume_from_checkpoint: str = option("", "Checkpoint directory to continue from (its step, "
                                              "optimizer and scheduler state).", cog=False)
+    prompt_template_file: str = option("", "A template JSON file to use instead of prompt_template.",
+                                       cog=False)
 
 
 @dataclass
@@ -106,8 +110,13 @@ class GenerateSettings:
     stop_sequences: str = option("", "Comma-separated strings that end the answer (not included).")
     seed: int = option(-1, "Random seed for sampling (-1: a random seed).", ge=-1, le=2**31 - 1)
     prompt_template: str = option("auto", "Prompt template: 'auto' (the one the adapter was trained "
-                                          "with, else 'alpaca'), 'alpaca', 'alpaca_short', 'none', or "
-                                          "a template JSON file.")
+                                          "with, else 'alpaca'), 'alpaca', 'alpaca_short', 'none', a "
+                                          "template in $ALPACA_TUNE_TEMPLATE_DIR, or the template itself as "
+                                          "JSON: {\"prompt_input\": ..., \"prompt_no_input\": ..., "
+                                          "\"response_split\": ...}.")
+    # Local-only: the command line's; no HTTP input reaches a server path.
+    prompt_template_file: str = option("", "A template JSON file to use instead of prompt_template.",
+                                       cog=False)
 
 
 def default_of(cls, name: str):
@@ -133,8 +142,20 @@ def validate(settings) -> None:
             raise SettingsError(f"{f.name}={value!r}: must be <= {meta['le']}")
         if meta.get("min_length") and len(value) < meta["min_length"]:
             raise SettingsError(f"{f.name}: must be at least {meta['min_length']} character(s) long")
+        if isinstance(value, str) and not _is_unicode(value):
+            raise SettingsError(f"{f.name}: holds an unpaired surrogate (e.g. \\ud800), which is not "
+                                f"Unicode text; send the text as UTF-8")
         if meta.get("choices") and value not in meta["choices"]:
             raise SettingsError(f"{f.name}={value!r}: must be one of {', '.join(map(str, meta['choices']))}")
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate (JSON's "\\ud800" parses to one; no tokenizer takes it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_bool(text: str) -> bool:

@@ -163,8 +163,11 @@ def mode_schema(info, train: bool, streaming: bool, version: str) -> dict:
         input_key: input_schema,
         output_key: info.output.json_type(),  # titled "Output" in both modes, as Cog does
         **enums,
+        # coglet refuses a body without "input" (422) when any input is required; say so, so that
+        # clients and schema-driven testers (schemathesis) send what the server accepts
         request: {"title": request, "type": "object",
-                  "properties": {"id": {"title": "Id", "type": "string"}, "input": input_ref}},
+                  "properties": {"id": {"title": "Id", "type": "string"}, "input": input_ref},
+                  **({"required": ["input"]} if input_schema.get("required") else {})},
         response: {"title": response, "type": "object", "properties": {
             "input": input_ref,
             "output": {"$ref": f"#/components/schemas/{output_key}"},
@@ -193,7 +196,8 @@ def mode_schema(info, train: bool, streaming: bool, version: str) -> dict:
     plain_ok = {"200": {"description": "Successful Response", "content": {"application/json": {"schema": {}}}}}
     operation = {
         "summary": summary, "description": description, "operationId": operation_id,
-        "requestBody": {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}}},
+        "requestBody": {**({"required": True} if input_schema.get("required") else {}),
+                        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}}},
         "responses": {
             "200": {"description": "Successful Response",
                     "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{response}"}}}},

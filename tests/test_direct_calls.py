@@ -39,6 +39,22 @@ def test_train_then_predict_with_defaults_for_what_is_left_out(tiny_base):
         list(predictor.predict(max_new_tokens=3))
 
 
+def test_train_data_as_a_server_path_is_not_read(tiny_base):
+    """Over HTTP coglet hands a plain string through when train_data is no URL or data: URI."""
+    import train
+    from alpaca_tune.settings import SettingsError
+
+    (tiny_base / "fifo").unlink(missing_ok=True)
+    import os
+
+    os.mkfifo(tiny_base / "fifo")  # opening it would block: the test would hang
+    for given in ("/etc/passwd", str(tiny_base / "fifo"), str(tiny_base / "missing.json")):
+        with pytest.raises(SettingsError, match="^train_data: send the data file itself") as err:
+            train.train(train_data=given, max_steps=1)
+        assert given not in str(err.value)
+    assert list((tiny_base / "tmp").iterdir()) == []
+
+
 def test_train_with_bad_data_raises_a_clear_error_and_leaves_nothing(tiny_base):
     import train
 

@@ -156,6 +156,49 @@ def test_a_failed_prediction_does_not_break_the_next(server):
     assert text_of(predict(server, prompt="Hi", max_new_tokens=4, **GREEDY)) is not None
 
 
+def _probe_paths(tmp_path):
+    """Paths to probe with: a JSON template that exists (then is removed), and a FIFO, which would
+    block whoever opened it, so a request that opened it would never be answered."""
+    import json
+    import os
+
+    template = tmp_path / "secret.json"
+    template.write_text(json.dumps({"prompt_input": "{instruction} {input}", "prompt_no_input": "{instruction}",
+                                    "response_split": ""}))
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    return template, fifo
+
+
+def test_prompt_template_never_opens_a_server_path(server, tmp_path):
+    template, fifo = _probe_paths(tmp_path)
+    errors = {}
+    for spec in (str(template), str(fifo), "/etc/passwd", "../../../../etc/passwd", "/proc/self/environ"):
+        wait_until_idle(server)
+        code, body = server.post("/predictions", {"input": {"prompt": "hi", "prompt_template": spec}}, timeout=30)
+        assert code == 200 and body["status"] == "failed", body
+        errors[spec] = body["error"]
+        assert body["error"].endswith(": not a template name (alpaca, alpaca_short, none) nor an inline JSON "
+                                      "template {\"prompt_input\": ..., \"prompt_no_input\": ..., \"response_split\": "
+                                      "...}; a template file is given locally with --prompt_template_file"), body["error"]
+    template.unlink()  # the same path, now missing: the same answer
+    again = predict(server, prompt="hi", prompt_template=str(template))
+    assert again["error"] == errors[str(template)]
+    inline = '{"prompt_input": "{instruction} {input}", "prompt_no_input": "Q: {instruction}\\nA:", "response_split": ""}'
+    assert text_of(predict(server, prompt="Hi", max_new_tokens=4, temperature=0.0, prompt_template=inline)) is not None
+
+
+def test_a_prediction_past_the_server_time_limit_fails_with_a_message(tiny_model_dir):
+    env = {**tiny_env(tiny_model_dir), "ALPACA_TUNE_MAX_PREDICT_SECONDS": "1e-6"}  # past it at the first token
+    with CogServer("predict", env=env) as limited:
+        limited.wait_ready()
+        body = predict(limited, prompt="Tell me about alpacas.", max_new_tokens=8192, **GREEDY)
+        assert body["status"] == "failed", body
+        assert "TimeLimitError: stopped after 1e-06 s and 0 tokens: the server's time limit" in body["error"], body
+        assert "Traceback" not in body["error"] and "Traceback" not in body["logs"]
+        assert wait_until_idle(limited, timeout=5)["status"] == "READY"
+
+
 def test_cancel_during_streamed_generation(server):
     chunks, last = 0, None
     wait_until_idle(server)

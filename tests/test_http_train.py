@@ -98,6 +98,24 @@ def test_missing_training_data_is_refused_with_422(server):
     assert code == 422 and body["detail"][0]["loc"] == ["body", "input", "train_data"], body
 
 
+def test_no_training_input_opens_a_server_path(server, data_dir, tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # whoever opened it would block: the request would never be answered
+    for given in ("/etc/passwd", str(fifo), str(tmp_path / "missing.json")):
+        wait_until_idle(server)
+        code, body = server.post("/trainings", {"input": {"train_data": given, **FAST_TRAINING}}, timeout=30)
+        assert code == 200 and body["status"] == "failed", body
+        assert body["error"].endswith("SettingsError: train_data: send the data file itself (a data: URI or an "
+                                      "http(s) URL); a path on the server is not read"), body["error"]
+        wait_until_idle(server)
+        code, body = server.post("/trainings", {"input": {"train_data": data_uri(data_dir / "data.json"),
+                                                          **FAST_TRAINING, "prompt_template": given}}, timeout=30)
+        assert code == 200 and body["status"] == "failed", body
+        assert f"prompt_template={given!r}: not a template name" in body["error"], body["error"]
+
+
 def test_bad_records_fail_the_training_with_the_reason(server, data_dir):
     body = train(server, train_data=data_uri(data_dir / "bad.json"), **FAST_TRAINING)
     assert body["status"] == "failed"

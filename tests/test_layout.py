@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "alpaca_tune"
-SHARED = {"settings", "errors", "cli", "base_model", "device", "adapter_files", "allocator"}
+SHARED = {"settings", "errors", "cli", "base_model", "device", "adapter_files", "adapter_check", "allocator"}
 # part -> parts it may import (besides itself and the shared modules)
 ALLOWED = {"data": set(), "training": {"data"}, "serving": {"data"}, "conversion": set(), "shared": set()}
 

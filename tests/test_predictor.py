@@ -1,7 +1,4 @@
-"""predict.py's Predictor in-process, with an adapter trained here, and the archive's safety."""
-
-import io
-import tarfile
+"""predict.py's Predictor in-process, with an adapter trained here."""
 
 import pytest
 from conftest import TINY_RECORDS
@@ -95,33 +92,6 @@ def test_stop_sequences_and_validation(trained, predictor_factory):
         list(_predict(predictor, prompt="x", top_k=-3))
 
 
-def _tar_with(tmp_path, entries):
-    path = tmp_path / "evil.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for name, kind in entries:
-            info = tarfile.TarInfo(name)
-            if kind == "link":
-                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
-                tar.addfile(info)
-            else:
-                data = b"{}"
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-@pytest.mark.parametrize("entries, message", [
-    ([("../escape.json", "file")], "points outside the target"),
-    ([("/abs.json", "file")], "points outside the target"),
-    ([("adapter/adapter_config.json", "link")], "is a link or device"),
-    ([("something/else.txt", "file")], "no adapter_config.json inside"),
-])
-def test_unsafe_or_foreign_archives_are_refused(tmp_path, entries, message):
-    with pytest.raises(weights.WeightsError, match=message):
-        weights.fetch_weights(str(_tar_with(tmp_path, entries)), tmp_path)
-    assert not (tmp_path.parent / "escape.json").exists()
-
-
 def test_corrupt_archive_fails_setup_clearly(tmp_path, predictor_factory):
     broken = tmp_path / "weights.tar.gz"
     broken.write_bytes(b"\x1f\x8b not really gzip")
@@ -131,17 +101,6 @@ def test_corrupt_archive_fails_setup_clearly(tmp_path, predictor_factory):
         predictor_factory(str(tmp_path / "missing.tar.gz"))
     with pytest.raises(weights.WeightsError, match="download failed"):
         predictor_factory("data:application/gzip;base64,@@not base64@@")
-
-
-def test_size_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "MAX_UNPACKED_BYTES", 10)
-    path = tmp_path / "big.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        info = tarfile.TarInfo("adapter/adapter_model.safetensors")
-        info.size = 100
-        tar.addfile(info, io.BytesIO(b"x" * 100))
-    with pytest.raises(weights.WeightsError, match="unpacks to more than"):
-        weights.fetch_weights(str(path), tmp_path)
 
 
 def test_lean_cpu_path_answers_as_transformers_does(trained, tiny_model_dir):
@@ -177,7 +136,7 @@ def test_a_base_without_tokenizer_json_is_served_with_transformers_tokenizer(tin
     served = InstructModel.load(None, base_model=str(tmp_path / "base"))
     assert not isinstance(served.tokenizer, ServingTokenizer)
     settings = GenerateSettings(prompt="Tell me about alpacas.", temperature=0.0, max_new_tokens=12)
-    prompt = served.template_for("auto").render(settings.prompt, settings.input)
+    prompt = served.template_for(settings).render(settings.prompt, settings.input)
     assert served.prompt_ids(settings) == AutoTokenizer.from_pretrained(str(tmp_path / "base"))(prompt)["input_ids"]
     assert "".join(served.stream(settings))
 

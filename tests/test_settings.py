@@ -92,6 +92,8 @@ def test_cli_rejects_out_of_range_with_the_flag_name(capsys):
     ({"temperature": -1.0}, "temperature"),
     ({"top_p": 1.5}, "top_p"),
     ({"prompt": ""}, "prompt: a value is required|prompt: must be at least 1"),
+    ({"prompt": "hi \ud800"}, r"prompt: holds an unpaired surrogate"),
+    ({"stop_sequences": "\udfff"}, r"stop_sequences: holds an unpaired surrogate"),
 ])
 def test_validate_names_the_setting(change, message):
     settings = dataclasses.replace(GenerateSettings(prompt="hi"), **change)

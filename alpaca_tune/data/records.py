@@ -3,7 +3,8 @@
 Accepted files (detected from the content, not the file name, because Cog hands over downloads
 with arbitrary names):
   - a JSON array of records
-  - JSON Lines: one record per line (blank lines allowed)
+  - JSON Lines: one record per line (blank lines allowed); lines end at \n (or \r\n) only, as
+    the JSON Lines format says: U+2028 or U+0085 inside a string is text, not a line break
 Accepted records:
   - Alpaca: {"instruction": str, "input": str (optional), "output": str}
   - Replicate's llama trainers: {"prompt": str, "completion": str}; the prompt becomes the
@@ -58,6 +59,11 @@ def _check_record(obj, where: str) -> Record | str:
             value = ""
         if not isinstance(value, str):
             return f"{where}: field {key!r} must be a string, got {type(value).__name__}"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON's "\ud800" escape: no tokenizer takes it
+            return (f"{where}: field {key!r} holds an unpaired surrogate {value[err.start]!r} at "
+                    f"character {err.start}, which is not Unicode text")
         values[name] = value
     if not values["output"].strip():
         return f"{where}: field {fields['output']!r} is empty (nothing to learn)"
@@ -73,6 +79,9 @@ def _parse(text: str, path: Path) -> list[tuple[object, str]]:
         raise DataError(f"{path}: the file is empty")
     try:
         whole = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to be Alpaca records (records are flat JSON "
+                        f"objects)") from None
     except json.JSONDecodeError as err:
         if stripped[0] != "{" or err.msg != "Extra data":
             raise DataError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: "
@@ -91,11 +100,13 @@ def _parse(text: str, path: Path) -> list[tuple[object, str]]:
                             f"records (or one record per line)")
         return [(whole, "line 1")]
     parsed = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             parsed.append((json.loads(line), f"line {lineno}"))
+        except RecursionError:
+            raise DataError(f"{path}: line {lineno} is nested too deeply to be a record") from None
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: line {lineno} is not valid JSON ({err.msg}, column "
                             f"{err.colno})") from None

@@ -8,12 +8,18 @@ the caller stops reading.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import torch
 
+from ..errors import UserError
 from .decoder import Decoder
 from .sampling import SamplingParams, next_token, process_scores
+
+
+class TimeLimitError(UserError):
+    """A prediction ran past the server's limit for one prediction."""
 
 
 def parse_stop_sequences(text: str) -> list[str]:
@@ -22,8 +28,10 @@ def parse_stop_sequences(text: str) -> list[str]:
 
 @torch.inference_mode()
 def generate_token_ids(decoder: Decoder, prompt_ids: list[int], params: SamplingParams,
-                       eos_ids: set[int] | frozenset[int]) -> Iterator[int]:
-    """Yield generated ids one at a time (EOS excluded), reusing the KV cache between steps."""
+                       eos_ids: set[int] | frozenset[int], time_limit_s: float | None = None) -> Iterator[int]:
+    """Yield generated ids one at a time (EOS excluded), reusing the KV cache between steps;
+    TimeLimitError once `time_limit_s` have passed since the call."""
+    started = time.monotonic()
     device = decoder.device
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else torch.seed())
@@ -31,6 +39,10 @@ def generate_token_ids(decoder: Decoder, prompt_ids: list[int], params: Sampling
     with decoder.feeder(len(prompt_ids) + params.max_new_tokens) as feed:
         logits = feed(prompt_ids)
         for step in range(params.max_new_tokens):
+            if time_limit_s is not None and time.monotonic() - started > time_limit_s:
+                raise TimeLimitError(f"stopped after {time_limit_s:g} s and {step} tokens: the server's time "
+                                     f"limit for one prediction ($ALPACA_TUNE_MAX_PREDICT_SECONDS); ask for "
+                                     f"fewer max_new_tokens")
             if step:
                 logits = feed([token])
             next_id = next_token(process_scores(logits[None], sequence, params), params, generator)  # [1, 1]
@@ -53,12 +65,12 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 def stream_text(decoder: Decoder, tokenizer, prompt_ids: list[int], params: SamplingParams,
-                stop_sequences: list[str]) -> Iterator[str]:
+                stop_sequences: list[str], time_limit_s: float | None = None) -> Iterator[str]:
     """Response text in chunks as tokens arrive; never the prompt, never a stop sequence."""
     eos_ids = decoder.eos_ids | ({tokenizer.eos_token_id} - {None})
     generated: list[int] = []
     emitted = 0  # characters of the response already yielded
-    for token in generate_token_ids(decoder, prompt_ids, params, eos_ids):
+    for token in generate_token_ids(decoder, prompt_ids, params, eos_ids, time_limit_s):
         generated.append(token)
         # Decoding the whole response each time keeps multi-token characters and the
         # tokenizer's spacing rules right; a trailing U+FFFD means a character is incomplete.

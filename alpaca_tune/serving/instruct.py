@@ -14,15 +14,22 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..base_model import load_tokenizer, resolve_base_dir
-from ..data.prompts import PromptTemplate, load_template, template_from_json
+from ..adapter_check import check_adapter, read_adapter_config
+from ..base_model import load_tokenizer, resolve_base_dir, weight_shapes
+from ..data.prompts import (
+    PromptTemplate,
+    load_template,
+    template_for,
+    template_from_json,
+)
 from ..data.tokenization import encode_prompt
 from ..device import pick_device
 from ..settings import GenerateSettings, SettingsError, validate
 from .decoder import Decoder
 from .generation import parse_stop_sequences, stream_text
 from .lean.llama import LeanLlama, read_config, unsupported_reason
-from .lean.lora_merge import read_adapter_config, unmergeable_reason
+from .lean.lora_merge import unmergeable_reason
+from .limits import Limits
 from .sampling import SamplingParams
 from .tokenizer import ServingTokenizer, can_serve
 from .transformers_decoder import TransformersDecoder
@@ -44,24 +51,30 @@ def lean_unsupported_reason(base_dir: Path, adapter_dir: Path | None, merge: boo
 
 
 class InstructModel:
-    def __init__(self, decoder: Decoder, tokenizer, trained_template: PromptTemplate | None):
+    def __init__(self, decoder: Decoder, tokenizer, trained_template: PromptTemplate | None,
+                 limits: Limits | None = None):
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.trained_template = trained_template
+        self.limits = limits or Limits.from_env()
 
     @classmethod
     def load(cls, weights: str | None = None, base_model: str = "", merge: bool = True) -> InstructModel:
         """Base model (+ adapter from an archive, a directory or an http(s) URL when weights is set)."""
+        limits = Limits.from_env()  # read once, at setup
         base_dir = resolve_base_dir(base_model)
         if not weights:
-            return cls(cls._load_model(base_dir, None, merge), *cls._tokenizer_and_template(base_dir, None))
+            return cls(cls._load_model(base_dir, None, merge), cls._tokenizer(base_dir), None, limits)
         # the unpacked files are only needed until the weights are in memory
         with tempfile.TemporaryDirectory(prefix="adapter-") as workdir:
-            adapter_dir = fetch_weights(str(weights), Path(workdir))
-            model = cls._load_model(base_dir, adapter_dir, merge)
-            tokenizer, template = cls._tokenizer_and_template(base_dir, adapter_dir)
+            adapter = fetch_weights(str(weights), Path(workdir), limits)
+            check_adapter(adapter.root, weight_shapes(base_dir), adapter.label)
+            recorded = read_training_config(adapter).get("prompt_template")
+            template = template_from_json(recorded, f"{adapter.label}: training_config.json") if recorded else None
+            model = cls._load_model(base_dir, adapter.root, merge)
+            tokenizer = cls._tokenizer(base_dir)
         log.info("adapter loaded from %s (%s)", weights, "merged" if merge else "unmerged")
-        return cls(model, tokenizer, template)
+        return cls(model, tokenizer, template, limits)
 
     @staticmethod
     def _load_model(base_dir: Path, adapter_dir: Path | None, merge: bool) -> Decoder:
@@ -74,20 +87,18 @@ class InstructModel:
         return TransformersDecoder.load(base_dir, adapter_dir, merge)
 
     @staticmethod
-    def _tokenizer_and_template(base_dir: Path, adapter_dir: Path | None):
-        recorded = read_training_config(adapter_dir).get("prompt_template") if adapter_dir else None
+    def _tokenizer(base_dir: Path):
         # older HF conversions ship only SentencePiece's tokenizer.model, some ask for transformers'
         # clean-up of spaces when decoding: transformers handles those
-        tokenizer = ServingTokenizer(base_dir) if can_serve(base_dir) else load_tokenizer(base_dir)
-        return tokenizer, template_from_json(recorded) if recorded else None
+        return ServingTokenizer(base_dir) if can_serve(base_dir) else load_tokenizer(base_dir)
 
-    def template_for(self, name: str) -> PromptTemplate:
-        if name == "auto":
+    def template_for(self, settings: GenerateSettings) -> PromptTemplate:
+        if settings.prompt_template == "auto" and not settings.prompt_template_file:
             return self.trained_template or load_template("alpaca")
-        return load_template(name)
+        return template_for(settings)
 
     def prompt_ids(self, settings: GenerateSettings) -> list[int]:
-        template = self.template_for(settings.prompt_template)
+        template = self.template_for(settings)
         return encode_prompt(self.tokenizer, template.render(settings.prompt, settings.input))
 
     def stream(self, settings: GenerateSettings) -> Iterator[str]:
@@ -102,4 +113,4 @@ class InstructModel:
         # the answer ends where the model's context does, as transformers' generate would end it
         params = SamplingParams.from_settings(settings, max_new_tokens=min(settings.max_new_tokens, room))
         return stream_text(self.decoder, self.tokenizer, prompt_ids, params,
-                           parse_stop_sequences(settings.stop_sequences))
+                           parse_stop_sequences(settings.stop_sequences), self.limits.max_predict_seconds)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..adapter_check import AdapterError, check_adapter
 from ..adapter_files import ADAPTER_SUBDIR, ADAPTER_WEIGHTS
 from ..errors import UserError
 
@@ -52,9 +53,10 @@ def save_checkpoint(path: Path, peft_model, optimizer, scheduler, step: int, met
     partial.rename(path)  # a checkpoint dir either is complete or does not exist
 
 
-def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> tuple[int, dict]:
+def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: dict) -> tuple[int, dict]:
     """Restore everything saved; returns (step, metrics so far). A checkpoint that is incomplete,
-    unreadable or made with other LoRA settings is a CheckpointError naming the file."""
+    unreadable, made with other LoRA settings or for another base (`base_shapes`: the base's
+    parameter shapes) is a CheckpointError naming the file."""
     from peft import set_peft_model_state_dict
 
     where = f"resume_from_checkpoint={str(path)!r}"
@@ -68,6 +70,10 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> tuple[int, 
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{state_file}: not a readable trainer state ({err})") from None
     adapter = _read_tensors(path / ADAPTER_SUBDIR / ADAPTER_WEIGHTS)
+    try:
+        check_adapter(path / ADAPTER_SUBDIR, base_shapes, f"{where}: {ADAPTER_SUBDIR}")
+    except AdapterError as err:
+        raise CheckpointError(str(err)) from None
     expected = {name.replace(".default.", "."): tuple(value.shape)
                 for name, value in peft_model.state_dict().items() if "lora_" in name}
     for name, value in adapter.items():
@@ -83,8 +89,11 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> tuple[int, 
     flat = _read_tensors(path / "optimizer.safetensors")
     slots: dict[int, dict] = {}
     for key, value in flat.items():
-        _, index, name = key.split(".", 2)
-        slots.setdefault(int(index), {})[name] = value
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
+            raise CheckpointError(f"{path / 'optimizer.safetensors'}: unexpected tensor {key!r} (expected "
+                                  f"state.<index>.<name>)")
+        slots.setdefault(int(parts[1]), {})[parts[2]] = value
     try:
         optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
         scheduler.load_state_dict(state["scheduler"])
@@ -93,9 +102,12 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler) -> tuple[int, 
     rng = _read_tensors(path / "rng.safetensors")
     if "torch" not in rng:
         raise CheckpointError(f"{path / 'rng.safetensors'}: holds no torch generator state")
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    try:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    except (RuntimeError, TypeError) as err:
+        raise CheckpointError(f"{path / 'rng.safetensors'}: not a generator state ({err})") from None
     return step, metrics
 
 

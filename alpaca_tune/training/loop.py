@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from .. import device as machine
-from ..base_model import load_tokenizer, resolve_base_dir
+from ..base_model import load_tokenizer, resolve_base_dir, weight_shapes
 from ..data.batching import make_batch
-from ..data.prompts import load_template
+from ..data.prompts import template_for
 from ..data.records import DataError, load_records, split_records
 from ..data.tokenization import tokenize_records
 from ..settings import TrainSettings, validate
@@ -25,7 +25,7 @@ from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .cpu.shared_prefix import shared_prefix_usable
 from .fast_paths import switch_on_fast_paths, wanted
 from .model import attach_lora, load_frozen_base
-from .outputs import TrainResult, write_outputs
+from .outputs import TrainResult, removed_on_failure, write_outputs
 from .plan import StepPlan
 from .precision import cpu_auto_dtype, training_dtype
 from .progress import ProgressLog
@@ -56,7 +56,7 @@ def prepare_examples(records, settings: TrainSettings, tokenizer, template):
 
 def run_training(settings: TrainSettings) -> TrainResult:
     validate(settings)
-    template = load_template(settings.prompt_template)
+    template = template_for(settings)
     records = load_records(settings.train_data)
     started = time.perf_counter()
     # Everything that can reject the data (its records, the split, cutoff_len) runs on the
@@ -64,8 +64,8 @@ def run_training(settings: TrainSettings) -> TrainResult:
     base_dir = resolve_base_dir(settings.base_model)
     tokenizer = load_tokenizer(base_dir)
     train_examples, val_examples, data_stats = prepare_examples(records, settings, tokenizer, template)
+    base_shapes = weight_shapes(base_dir)  # also: a truncated weights file is named here
     output_dir = Path(settings.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     device = machine.pick_device()
     base_dtype = training_dtype(settings.precision, device)
@@ -101,7 +101,7 @@ def run_training(settings: TrainSettings) -> TrainResult:
     start_step = 0
     if settings.resume_from_checkpoint:
         start_step, saved = load_checkpoint(Path(settings.resume_from_checkpoint), model, optimizer,
-                                            scheduler)
+                                            scheduler, base_shapes)
         history, evals = saved["history"], saved["evals"]
         log.info("resumed from %s at step %d", settings.resume_from_checkpoint, start_step)
 
@@ -110,27 +110,28 @@ def run_training(settings: TrainSettings) -> TrainResult:
     log.info("training: %d steps (%d per epoch), micro-batch %d x %d accumulation, %s on %s",
              total_steps, plan.steps_per_epoch, settings.train_batch_size,
              settings.gradient_accumulation_steps, "packed" if settings.packing else "padded", device)
-    model.train()
-    for step in range(start_step, total_steps):
-        batches = [make_batch([train_examples[i] for i in indices], settings.packing, pad_id)
-                   for indices in plan.step(step)]
-        loss, lr, tokens, slots = optimizer_step(model, causal_lm, batches, optimizer, scheduler,
-                                                 settings.max_grad_norm, device, fast.compute, share_prefix)
-        done = step + 1
-        meter.step_done(done, loss, lr, tokens, history)
-        history[-1]["padded_tokens"] = slots
-        if val_examples and settings.eval_steps and done % settings.eval_steps == 0 and done < total_steps:
-            evals.append({"step": done, "eval_loss": evaluate(causal_lm, val_examples,
-                          settings.train_batch_size, settings.packing, pad_id, device, fast.compute)})
-            log.info("step %d/%d  eval loss %.4f", done, total_steps, evals[-1]["eval_loss"])
-        if settings.save_steps and done % settings.save_steps == 0 and done < total_steps:
-            save_checkpoint(checkpoint_dir(output_dir, done), model, optimizer, scheduler, done,
-                            {"history": history, "evals": evals})
-            log.info("checkpoint saved: %s", checkpoint_dir(output_dir, done))
+    with removed_on_failure(output_dir):  # output_dir is first written from here on
+        model.train()
+        for step in range(start_step, total_steps):
+            batches = [make_batch([train_examples[i] for i in indices], settings.packing, pad_id)
+                       for indices in plan.step(step)]
+            loss, lr, tokens, slots = optimizer_step(model, causal_lm, batches, optimizer, scheduler,
+                                                     settings.max_grad_norm, device, fast.compute, share_prefix)
+            done = step + 1
+            meter.step_done(done, loss, lr, tokens, history)
+            history[-1]["padded_tokens"] = slots
+            if val_examples and settings.eval_steps and done % settings.eval_steps == 0 and done < total_steps:
+                evals.append({"step": done, "eval_loss": evaluate(causal_lm, val_examples,
+                              settings.train_batch_size, settings.packing, pad_id, device, fast.compute)})
+                log.info("step %d/%d  eval loss %.4f", done, total_steps, evals[-1]["eval_loss"])
+            if settings.save_steps and done % settings.save_steps == 0 and done < total_steps:
+                save_checkpoint(checkpoint_dir(output_dir, done), model, optimizer, scheduler, done,
+                                {"history": history, "evals": evals})
+                log.info("checkpoint saved: %s", checkpoint_dir(output_dir, done))
 
-    if val_examples:
-        evals.append({"step": total_steps, "eval_loss": evaluate(
-            causal_lm, val_examples, settings.train_batch_size, settings.packing, pad_id, device, fast.compute)})
-        log.info("final eval loss %.4f", evals[-1]["eval_loss"])
-    return write_outputs(settings, output_dir, model, initial, template, causal_lm, ran, history, evals,
-                         data_stats, meter, started, start_step)
+        if val_examples:
+            evals.append({"step": total_steps, "eval_loss": evaluate(
+                causal_lm, val_examples, settings.train_batch_size, settings.packing, pad_id, device, fast.compute)})
+            log.info("final eval loss %.4f", evals[-1]["eval_loss"])
+        return write_outputs(settings, output_dir, model, initial, template, causal_lm, ran, history, evals,
+                             data_stats, meter, started, start_step)

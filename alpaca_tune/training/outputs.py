@@ -3,6 +3,7 @@ loss plot, and the archive holding them (adapter_files.py names them)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -25,6 +26,30 @@ class TrainResult:
     archive: Path
     adapter_dir: Path
     metrics: dict
+
+
+@contextlib.contextmanager
+def removed_on_failure(output_dir: Path):
+    """Create output_dir; if the body fails, remove what it added there and the folders made for
+    it, so a failed run leaves nothing behind. Checkpoints it wrote stay: they are what a rerun
+    resumes from."""
+    made = [p for p in (output_dir, *output_dir.parents) if not p.exists()]  # innermost first
+    before = set(output_dir.iterdir()) if output_dir.is_dir() else set()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for entry in set(output_dir.iterdir()) - before:
+            if entry.name == "checkpoints" and any(entry.iterdir()):
+                log.warning("the run failed; its checkpoints stay in %s for resume_from_checkpoint", entry)
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        for directory in made:
+            with contextlib.suppress(OSError):  # not empty: checkpoints, or someone else's files
+                directory.rmdir()
+        raise
 
 
 def write_outputs(settings, output_dir, model, initial, template, causal_lm, ran: dict, history, evals,

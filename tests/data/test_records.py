@@ -14,6 +14,15 @@ def test_json_array_and_jsonl_give_the_same_records(tmp_path, write_json):
     assert array[2] == Record("Translate to French.", "thank you", "Here is my answer: merci. I hope this helps!")
 
 
+def test_json_lines_end_at_newlines_only(tmp_path):
+    """U+2028, U+2029 and U+0085 inside a string are text (str.splitlines would split there);
+    \\r\\n endings are fine."""
+    records = [{"instruction": "one\u2028two", "output": "three\u0085four\u2029five"}, TINY_RECORDS[0]]
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes(("\r\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\r\n").encode())
+    assert [r.instruction for r in load_records(path)] == ["one\u2028two", TINY_RECORDS[0]["instruction"]]
+
+
 def test_prompt_completion_and_missing_input(write_json):
     records = load_records(write_json("pc.json", [{"prompt": "Hi", "completion": "Hello"},
                                                   {"instruction": "Hey", "output": "Yo"}]))
@@ -43,6 +52,11 @@ BAD_FILES = [
     (b'[{"instruction": "a", "input": ["x"], "output": "b"}]', "field 'input' must be a string"),
     (b'[{"instruction": "caf\xe9", "output": "b"}]', "not UTF-8 text (byte 21, line 1"),
     (b'[]', "contains no records"),
+    (b"[" * 200_000 + b"]" * 200_000, "nested too deeply to be Alpaca records"),
+    (b'{"instruction": "a", "output": "b"}\n' + b'{"x": ' * 200_000 + b"1" + b"}" * 200_000,
+     "line 2 is nested too deeply"),
+    (b'[{"instruction": "a\\ud800", "output": "b"}]',
+     "record 0: field 'instruction' holds an unpaired surrogate '\\ud800' at character 1"),
 ]
 
 

@@ -1,9 +1,12 @@
 """Decoding: KV cache == recompute == transformers' generate, stop sequences, merged == unmerged."""
 
+import time
+
 import pytest
 import torch
 
 from alpaca_tune.serving.generation import (
+    TimeLimitError,
     _held_back,
     generate_token_ids,
     parse_stop_sequences,
@@ -117,6 +120,18 @@ def test_streaming_chunks_and_stop_sequences(model_and_tokenizer):
     stopped = "".join(stream_text(decoder, tokenizer, PROMPT, GREEDY, [stop]))
     assert stopped == full[:cut]
     assert stop not in stopped
+
+
+def test_a_prediction_past_its_time_limit_ends_with_a_message(model_and_tokenizer):
+    decoder, tokenizer = model_and_tokenizer
+    params = SamplingParams(max_new_tokens=400, temperature=1.0, seed=3)  # sampled: no early EOS to rely on
+    produced = []
+    with pytest.raises(TimeLimitError, match=r"stopped after 0.05 s and \d+ tokens: the server's time limit"):
+        for token in generate_token_ids(decoder, PROMPT, params, set(), time_limit_s=0.05):
+            produced.append(token)
+            time.sleep(0.01)  # a slow step
+    assert 1 <= len(produced) < 400
+    assert len(list(generate_token_ids(decoder, PROMPT, params, set(), time_limit_s=None))) == 400
 
 
 def test_held_back_prefixes():

@@ -30,6 +30,20 @@ def _resume(settings, checkpoint, tmp_path, **change):
                                             resume_from_checkpoint=str(checkpoint), **change))
 
 
+def _contents(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def unchanged(tmp_path):
+    """Asserts, after the test, that a failed resume wrote nothing and left the checkpoint as it was."""
+    watched = {}
+    yield watched
+    for checkpoint, before in watched.items():
+        assert _contents(checkpoint) == before
+    assert not (tmp_path / "resumed").exists()
+
+
 def test_the_checkpoint_resumes(checkpointed, tmp_path):
     settings, checkpoint = checkpointed
     resumed = _resume(settings, checkpoint, tmp_path)
@@ -41,26 +55,43 @@ def test_the_checkpoint_resumes(checkpointed, tmp_path):
                        r"lora_rank"),
     ({"lora_target_modules": "q_proj"}, "unexpected .*v_proj.*resume with the checkpoint's lora_target_modules"),
 ])
-def test_other_lora_settings_are_refused_by_name(checkpointed, tmp_path, change, message):
+def test_other_lora_settings_are_refused_by_name(checkpointed, tmp_path, unchanged, change, message):
     settings, checkpoint = checkpointed
+    unchanged[checkpoint] = _contents(checkpoint)
     with pytest.raises(CheckpointError, match=message):
         _resume(settings, checkpoint, tmp_path, **change)
 
 
+def _nan_adapter(path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    save_file({name: value.fill_(float("nan")) for name, value in tensors.items()}, str(path))
+
+
 @pytest.mark.parametrize("damage, message", [
     ("adapter/adapter_model.safetensors", "adapter_model.safetensors: cannot read the checkpoint's tensors"),
+    (("adapter/adapter_model.safetensors", _nan_adapter), r"step-000002'?: adapter: adapter_model.safetensors: "
+                                                           r"tensor .* holds NaN"),
+    (("adapter/adapter_config.json", lambda p: p.write_text("[]")), "adapter_config.json: must be a JSON object"),
+    (("trainer_state.json", lambda p: p.write_text('{"step": "x"}')), "trainer_state.json: not a readable"),
     ("optimizer.safetensors", "optimizer.safetensors: cannot read the checkpoint's tensors"),
     ("rng.safetensors", "rng.safetensors: cannot read the checkpoint's tensors"),
     ("trainer_state.json", "trainer_state.json: not a readable trainer state"),
 ])
-def test_a_truncated_file_is_named(checkpointed, tmp_path, damage, message):
+def test_a_damaged_file_is_named(checkpointed, tmp_path, unchanged, damage, message):
     import shutil
 
     settings, original = checkpointed
-    checkpoint = tmp_path / "damaged"
+    checkpoint = tmp_path / "step-000002"
     shutil.copytree(original, checkpoint)
-    path = checkpoint / damage
-    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    name, edit = damage if isinstance(damage, tuple) else (damage, None)
+    path = checkpoint / name
+    if edit is None:  # truncated
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    else:
+        edit(path)
+    unchanged[checkpoint] = _contents(checkpoint)
     with pytest.raises(CheckpointError, match=message):
         _resume(settings, checkpoint, tmp_path)
 

@@ -3,33 +3,18 @@
 W' = W + scaling * B @ A for every adapted Linear, which is what PEFT's merge computes, without
 importing PEFT (~2.7 s of the server's start-up). Adapters with features this does not implement
 (DoRA, extra trained modules, biases, per-module ranks) are reported, so the caller can serve them
-through PEFT instead. tests/serving/lean/test_llama.py checks the result against PEFT's unmerged model.
+through PEFT instead. The adapter has been checked against the base (adapter_check.py) before. tests/serving/lean/test_llama.py checks the result against PEFT's unmerged model.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from ...adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ...errors import UserError
-
-PEFT_PREFIX = "base_model.model."
-
-
-class AdapterError(UserError):
-    pass
-
-
-def read_adapter_config(adapter_dir: Path) -> dict:
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterError(f"{path}: not a readable adapter config: {err}") from None
+from ...adapter_check import PEFT_PREFIX, AdapterError, read_adapter_config
+from ...adapter_files import ADAPTER_WEIGHTS
 
 
 def unmergeable_reason(config: dict) -> str | None:
@@ -54,10 +39,8 @@ def merge_lora(state: dict[str, torch.Tensor], adapter_dir: Path) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    config = read_adapter_config(adapter_dir)
-    rank, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
-        raise AdapterError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: needs a positive integer r and a lora_alpha")
+    config = read_adapter_config(adapter_dir)  # checked: a positive integer r and a lora_alpha
+    rank, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     try:

@@ -1,0 +1,43 @@
+"""What a server refuses to spend on one caller's input, read once from the environment at setup.
+
+    ALPACA_TUNE_MAX_UNPACKED_BYTES   bytes an adapter archive may unpack (or download) to; 4 GiB:
+                                     a rank-64 LoRA on every linear layer of a 70B is ~3.6 GB in fp32
+    ALPACA_TUNE_MAX_ARCHIVE_MEMBERS  files and folders in an archive; an adapter archive has ~6
+    ALPACA_TUNE_MAX_PREDICT_SECONDS  how long one prediction may run before it ends as failed
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+# Deflated safetensors of trained weights shrink ~1.1x; all-zero tensors (an untrained lora_B)
+# can reach ~1000x, but only half an adapter is ever zero. A bomb is thousands to one.
+MAX_COMPRESSION_RATIO = 100
+RATIO_CHECKED_AFTER = 16 << 20  # bytes unpacked before the ratio counts (tiny files vary widely)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_unpacked_bytes: int = 4 << 30
+    max_archive_members: int = 1000
+    max_predict_seconds: float = 600.0
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        def number(name: str, default, kind):
+            text = os.environ.get(name, "")
+            if not text:
+                return default
+            try:
+                value = kind(text)
+            except ValueError:
+                value = 0
+            if not value > 0:
+                raise UserError(f"${name}={text!r}: must be a positive number")
+            return value
+        return cls(number("ALPACA_TUNE_MAX_UNPACKED_BYTES", cls.max_unpacked_bytes, int),
+                   number("ALPACA_TUNE_MAX_ARCHIVE_MEMBERS", cls.max_archive_members, int),
+                   number("ALPACA_TUNE_MAX_PREDICT_SECONDS", cls.max_predict_seconds, float))
