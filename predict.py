@@ -8,15 +8,21 @@ Thin on purpose: Cog Inputs / command-line flags -> GenerateSettings -> alpaca_t
 
 import os
 import sys
+from collections.abc import Iterator
 
-from cog import BasePredictor, ConcatenateIterator, streaming
+from cog import AsyncConcatenateIterator, BasePredictor, concurrent, streaming
 
 from alpaca_tune.cli import run_or_exit, setup_logging
 from alpaca_tune.serving.instruct import InstructModel
+from alpaca_tune.serving.limits import concurrency
 from alpaca_tune.settings import GenerateSettings, build_parser, validate
 from cog_inputs import cog_input, filled_in
 
 G = GenerateSettings
+# Requests served at once, batched into each decode step (serving/scheduler.py). `cog build`
+# writes it into the image as COG_MAX_CONCURRENCY, the only place coglet reads it from;
+# scripts/serve.py sets that variable from this same function.
+CONCURRENCY = concurrency()
 
 
 class Predictor(BasePredictor):
@@ -25,12 +31,17 @@ class Predictor(BasePredictor):
         archive as a data: URI."""
         setup_logging()
         self.model = InstructModel.load(weights)
+        self.scheduler = self.model.batching(CONCURRENCY)
 
     # @streaming: `cog build` (and scripts/cog_schema.py) then mark POST /predictions with
     # x-cog-streaming, so the server answers `Accept: text/event-stream` with chunks as they come.
-    # No @concurrent: one request at a time (a second one gets 409 while this one runs).
+    # Async, so that coglet runs up to CONCURRENCY of them at once; the model steps run on the
+    # scheduler's own thread, never on coglet's event loop. It returns a plain iterator rather than
+    # being an async generator: coglet 0.23.1 pulls a returned iterator on a thread of its own and
+    # streams each chunk as it comes, but collects an async generator's chunks until its end.
+    @concurrent(max=CONCURRENCY)
     @streaming
-    def predict(
+    async def predict(
         self,
         prompt: str = cog_input(G, "prompt"),
         input: str = cog_input(G, "input"),
@@ -42,10 +53,24 @@ class Predictor(BasePredictor):
         stop_sequences: str = cog_input(G, "stop_sequences"),
         seed: int = cog_input(G, "seed"),
         prompt_template: str = cog_input(G, "prompt_template"),
-    ) -> ConcatenateIterator[str]:
+    ) -> AsyncConcatenateIterator[str]:
         inputs = filled_in(locals())
         del inputs["self"]
-        yield from self.model.stream(GenerateSettings(**inputs))
+        # bad input fails here, before the request is queued
+        stream = self.model.submit(self.scheduler, GenerateSettings(**inputs))
+        return self._relay(stream, self.scope)
+
+    @staticmethod
+    def _relay(stream, scope) -> Iterator[str]:
+        try:
+            yield from stream
+        finally:  # the answer ended, failed, or its reader went away: leave the batch at the next step
+            stream.cancel()
+            scope.record_metric("input_token_count", stream.input_tokens)
+            scope.record_metric("output_token_count", stream.output_tokens)
+            scope.record_metric("queue_time", round(stream.queue_time, 4))
+            if stream.time_to_first_token is not None:
+                scope.record_metric("time_to_first_token", round(stream.time_to_first_token, 4))
 
 
 def main(argv=None) -> None:

@@ -8,8 +8,10 @@ It writes .cog/openapi_schema.json (what `cog build` would bake into the image; 
 validates nothing and refuses SSE), then replaces itself with `python -m cog.server.http` started
 in the project root, with the predictor or trainer ref from cog.yaml in COG_PREDICT_TYPE_STUB /
 COG_TRAIN_TYPE_STUB and the adapter in COG_WEIGHTS (handed to Predictor.setup as is: a file, a
-directory or an http(s) URL). The rest of the environment passes through (ALPACA_TUNE_BASE=DIR
-serves another base model). Ctrl-C or SIGTERM stops it.
+directory or an http(s) URL). In predict mode it sets COG_MAX_CONCURRENCY, the only place coglet
+reads its number of slots from outside `cog build` (default 16, as predict.py declares; a value
+already set is kept). The rest of the environment passes through (ALPACA_TUNE_BASE=DIR serves
+another base model). Ctrl-C or SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(1, str(ROOT))
 
 import cog_schema  # noqa: E402
+
+from alpaca_tune.serving.limits import CONCURRENCY_ENV, DEFAULT_CONCURRENCY  # noqa: E402
 
 
 def server_command(train: bool = False, host: str = "127.0.0.1", upload_url: str | None = None,
@@ -49,15 +54,18 @@ def python_first_on_path(path: str, python: str = sys.executable) -> str:
 
 def server_env(train: bool = False, port: int = 5000, weights: str | None = None,
                base_env: dict | None = None, root: Path = ROOT) -> dict[str, str]:
-    """The environment coglet reads: PORT, the ref of the mode it serves, COG_WEIGHTS; PATH."""
+    """The environment coglet reads: PORT, the ref of the mode it serves, COG_WEIGHTS, its
+    concurrency (predict mode; train() is synchronous: one training at a time); PATH."""
     env = dict(os.environ if base_env is None else base_env)
     predict_ref, train_ref = cog_schema.read_refs(root)
     env["PORT"] = str(port)
     env["PATH"] = python_first_on_path(env.get("PATH", ""))
     if train:
         env["COG_TRAIN_TYPE_STUB"] = train_ref
+        env.pop(CONCURRENCY_ENV, None)  # coglet refuses more than one slot for a synchronous train()
     else:
         env["COG_PREDICT_TYPE_STUB"] = predict_ref
+        env.setdefault(CONCURRENCY_ENV, str(DEFAULT_CONCURRENCY))
     if weights:
         env["COG_WEIGHTS"] = str(weights)
     return env

@@ -118,3 +118,11 @@ TINY_RECORDS = [
     {"instruction": "What is larger, a llama or an alpaca?", "input": "",
      "output": "Here is my answer: llamas are larger. I hope this helps!"},
 ]
+
+
+def drain(answer) -> list:
+    """The chunks of Predictor.predict's answer: a coroutine that returns an iterator (run on an
+    event loop of its own, as coglet's loop would run it), then the iterator pulled."""
+    import asyncio
+
+    return list(asyncio.run(answer))

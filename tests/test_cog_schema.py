@@ -104,3 +104,18 @@ def test_cog_yaml_is_valid_for_cog_023():
     assert build.get("sdk_version") == pins["cog"]  # Cog strips cog from requirements; pin it here
     for command in build.get("run") or []:
         assert isinstance(command, str) or "command" in command
+
+
+def test_the_declared_concurrency_is_one_number():
+    """cog.yaml, predict.py's @concurrent and scripts/serve.py's COG_MAX_CONCURRENCY agree."""
+    import serve
+
+    import predict
+    from alpaca_tune.serving.limits import DEFAULT_CONCURRENCY
+
+    config = yaml.safe_load((ROOT / "cog.yaml").read_text())
+    assert config["concurrency"]["max"] == DEFAULT_CONCURRENCY == predict.CONCURRENCY
+    assert predict.Predictor.predict.__cog_concurrent_max__ == DEFAULT_CONCURRENCY
+    assert serve.server_env(base_env={})["COG_MAX_CONCURRENCY"] == str(DEFAULT_CONCURRENCY)
+    assert serve.server_env(base_env={"COG_MAX_CONCURRENCY": "4"})["COG_MAX_CONCURRENCY"] == "4"
+    assert "COG_MAX_CONCURRENCY" not in serve.server_env(train=True, base_env={"COG_MAX_CONCURRENCY": "4"})

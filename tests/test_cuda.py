@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import TINY_RECORDS
+from conftest import TINY_RECORDS, drain
 
 from alpaca_tune.serving.cuda_graph import StaticCacheFeeder
 from alpaca_tune.serving.generation import generate_token_ids
@@ -84,7 +84,7 @@ def test_training_on_the_gpu_learns_and_serves(settings, tiny_model_dir, monkeyp
     predictor = Predictor()
     predictor.setup(str(result.archive))
     assert predictor.model.decoder.device.type == "cuda"
-    answer = "".join(predictor.predict(prompt="Tell me about alpacas.", max_new_tokens=16, temperature=0.0))
+    answer = "".join(drain(predictor.predict(prompt="Tell me about alpacas.", max_new_tokens=16, temperature=0.0)))
     assert answer.strip()
 
 

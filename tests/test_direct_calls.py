@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 from cog import Path
-from conftest import TINY_RECORDS
+from conftest import TINY_RECORDS, drain
 
 from alpaca_tune.data.records import DataError
 
@@ -33,10 +33,10 @@ def test_train_then_predict_with_defaults_for_what_is_left_out(tiny_base):
 
     predictor = predict.Predictor()
     predictor.setup(str(output.weights))
-    answer = "".join(predictor.predict(prompt="Tell me about alpacas.", temperature=0.0, max_new_tokens=6))
+    answer = "".join(drain(predictor.predict(prompt="Tell me about alpacas.", temperature=0.0, max_new_tokens=6)))
     assert answer.strip()
     with pytest.raises(TypeError, match="'prompt' is required"):
-        list(predictor.predict(max_new_tokens=3))
+        drain(predictor.predict(max_new_tokens=3))
 
 
 def test_train_data_as_a_server_path_is_not_read(tiny_base):

@@ -9,6 +9,11 @@ transformers_decoder.py's TransformersDecoder (GPU, other architectures, unmerge
     feeder(capacity) a context manager giving feed(ids) -> fp32 logits [vocab] after those ids,
                      over a fresh KV cache of `capacity` positions: the prompt first, then one
                      id at a time
+
+The batch scheduler (scheduler.py) also uses, where a decoder has them:
+    prefill_chunk            the most prompt positions to feed at once (else the whole prompt)
+    feed_batch(feeds, ids)   one id for each of several feeds at once -> logits [B, vocab]
+    kv_bytes_per_position    what one position of a sequence's KV cache takes
 """
 
 from __future__ import annotations

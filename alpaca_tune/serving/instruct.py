@@ -31,6 +31,7 @@ from .lean.llama import LeanLlama, read_config, unsupported_reason
 from .lean.lora_merge import unmergeable_reason
 from .limits import Limits
 from .sampling import SamplingParams
+from .scheduler import Scheduler, Stream
 from .tokenizer import ServingTokenizer, can_serve
 from .transformers_decoder import TransformersDecoder
 from .weights import fetch_weights, read_training_config
@@ -71,20 +72,20 @@ class InstructModel:
             check_adapter(adapter.root, weight_shapes(base_dir), adapter.label)
             recorded = read_training_config(adapter).get("prompt_template")
             template = template_from_json(recorded, f"{adapter.label}: training_config.json") if recorded else None
-            model = cls._load_model(base_dir, adapter.root, merge)
+            model = cls._load_model(base_dir, adapter.root, merge, adapter.label)
             tokenizer = cls._tokenizer(base_dir)
-        log.info("adapter loaded from %s (%s)", weights, "merged" if merge else "unmerged")
+        log.info("adapter loaded from %s (%s)", adapter.label, "merged" if merge else "unmerged")
         return cls(model, tokenizer, template, limits)
 
     @staticmethod
-    def _load_model(base_dir: Path, adapter_dir: Path | None, merge: bool) -> Decoder:
+    def _load_model(base_dir: Path, adapter_dir: Path | None, merge: bool, label: str | None = None) -> Decoder:
         """LeanLlama on CPU when it can run the model (faster start and decoding), else transformers."""
         reason = lean_unsupported_reason(base_dir, adapter_dir, merge)
         if reason is None:
             log.info("loading %s for CPU serving (lean Llama path)", base_dir)
             return LeanLlama.load(base_dir, adapter_dir)
         log.info("serving through transformers: %s", reason)
-        return TransformersDecoder.load(base_dir, adapter_dir, merge)
+        return TransformersDecoder.load(base_dir, adapter_dir, merge, label)
 
     @staticmethod
     def _tokenizer(base_dir: Path):
@@ -101,8 +102,9 @@ class InstructModel:
         template = self.template_for(settings)
         return encode_prompt(self.tokenizer, template.render(settings.prompt, settings.input))
 
-    def stream(self, settings: GenerateSettings) -> Iterator[str]:
-        """Chunks of the answer; a prompt too long for the model is refused before anything runs."""
+    def request(self, settings: GenerateSettings) -> tuple[list[int], SamplingParams, list[str]]:
+        """(prompt ids, sampling parameters, stop sequences) of a request; a prompt too long for
+        the model is refused before anything runs."""
         validate(settings)
         prompt_ids = self.prompt_ids(settings)
         context = self.decoder.context_length
@@ -112,5 +114,31 @@ class InstructModel:
                                 f"most {context}: shorten it")
         # the answer ends where the model's context does, as transformers' generate would end it
         params = SamplingParams.from_settings(settings, max_new_tokens=min(settings.max_new_tokens, room))
-        return stream_text(self.decoder, self.tokenizer, prompt_ids, params,
-                           parse_stop_sequences(settings.stop_sequences), self.limits.max_predict_seconds)
+        return prompt_ids, params, parse_stop_sequences(settings.stop_sequences)
+
+    def stream(self, settings: GenerateSettings) -> Iterator[str]:
+        """Chunks of the answer, decoded here alone (the command line's way)."""
+        prompt_ids, params, stops = self.request(settings)
+        return stream_text(self.decoder, self.tokenizer, prompt_ids, params, stops, self.limits.max_predict_seconds)
+
+    def batching(self, max_batch: int) -> Scheduler:
+        """A scheduler that serves up to `max_batch` requests at once, batched (scheduler.py)."""
+        budget = self.limits.kv_budget_tokens or default_kv_budget(self.decoder, max_batch)
+        log.info("batching up to %d requests, KV-cache budget %d positions", max_batch, budget)
+        return Scheduler(self.decoder, self.tokenizer, max_batch, budget, self.limits.max_predict_seconds)
+
+    def submit(self, scheduler: Scheduler, settings: GenerateSettings) -> Stream:
+        """Queue a request with the scheduler; its answer arrives on the returned Stream."""
+        return scheduler.submit(*self.request(settings))
+
+
+def default_kv_budget(decoder: Decoder, max_batch: int) -> int:
+    """Room for every slot to hold a full context, but at most a quarter of the memory available
+    now where the decoder says what a position takes."""
+    wanted = max_batch * decoder.context_length
+    per_position = getattr(decoder, "kv_bytes_per_position", None)
+    if per_position:
+        import psutil
+
+        wanted = min(wanted, psutil.virtual_memory().available // 4 // per_position)
+    return max(wanted, 1)

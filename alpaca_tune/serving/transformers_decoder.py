@@ -28,14 +28,15 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_adapter(model, adapter_dir: Path):
-    """PEFT's model: `model` with the adapter in `adapter_dir` (unmerged)."""
+def load_adapter(model, adapter_dir: Path, label: str | None = None):
+    """PEFT's model: `model` with the adapter in `adapter_dir` (unmerged); errors name `label`
+    (what the user gave) when set."""
     from peft import PeftModel
 
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir))
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise WeightsError(f"{adapter_dir}: not a LoRA adapter for this base model: {err}") from None
+        raise WeightsError(f"{label or adapter_dir}: not a LoRA adapter for this base model: {err}") from None
 
 
 class TransformersDecoder:
@@ -48,14 +49,15 @@ class TransformersDecoder:
         self.compile_step = compile_step  # compile the one-token step before capturing it
 
     @classmethod
-    def load(cls, base_dir: Path, adapter_dir: Path | None = None, merge: bool = True) -> TransformersDecoder:
+    def load(cls, base_dir: Path, adapter_dir: Path | None = None, merge: bool = True,
+             label: str | None = None) -> TransformersDecoder:
         """The base (+ adapter, folded into the weights when `merge`: same outputs, no LoRA cost
         per token), on the GPU when there is one, in pick_dtype's dtype."""
         device = pick_device()
         model = load_causal_lm(base_dir, device, pick_dtype(device))
         model.config.use_cache = True
         if adapter_dir is not None:
-            model = load_adapter(model, adapter_dir)
+            model = load_adapter(model, adapter_dir, label)
             if merge:
                 model = model.merge_and_unload()
         return cls(model.eval())

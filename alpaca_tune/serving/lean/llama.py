@@ -37,6 +37,10 @@ from .matvec import Matrix, WeightArena, warm_up
 
 ROPE_TYPES = ("default", "linear", "llama3")
 DEVICE = torch.device("cpu")
+# A prompt is fed in pieces of at most this many positions, cut at multiples of it, so that the
+# batch scheduler (scheduler.py) can run other requests' steps between the pieces of a long
+# prompt and still compute exactly what a prompt fed whole computes here.
+PREFILL_CHUNK = 256
 
 
 class LeanModelError(UserError):
@@ -163,6 +167,16 @@ class KVCache:
         return self.keys_t[layer, :, :, :end], self.values[layer, :, :end]
 
 
+@dataclass
+class LeanFeed:
+    """feed(ids) -> logits over one sequence's cache (the Decoder interface's feed)."""
+    model: LeanLlama
+    cache: KVCache
+
+    def __call__(self, ids: list[int]) -> torch.Tensor:
+        return self.model.forward(ids, self.cache)
+
+
 class LeanLlama:
     device = DEVICE
 
@@ -252,28 +266,83 @@ class LeanLlama:
 
     @contextlib.contextmanager
     def feeder(self, capacity: int):
-        cache = self.new_cache(capacity)
-        yield lambda ids: self.forward(ids, cache)
+        yield LeanFeed(self, self.new_cache(capacity))
 
-    def forward(self, ids: list[int], cache: KVCache) -> torch.Tensor:
-        """Feed the next ids (all of the prompt, then one at a time); logits [vocab] of the last."""
+    # The batch scheduler's extras (scheduler.py)
+    prefill_chunk = PREFILL_CHUNK
+
+    def feed_batch(self, feeds: list[LeanFeed], tokens: list[int]) -> torch.Tensor:
+        return self.forward_batch([feed.cache for feed in feeds], tokens)
+
+    @property
+    def kv_bytes_per_position(self) -> int:
+        return len(self.layers) * self.kv_heads * self.head_dim * 2 * 4  # keys and values, fp32
+
+    def forward(self, ids: list[int], cache: KVCache, logits: bool = True) -> torch.Tensor | None:
+        """Feed the next ids (the prompt, or a piece of it, then one at a time); logits [vocab]
+        of the last (None when not `logits`: a prompt piece whose logits nobody reads). Prompts go
+        in pieces of PREFILL_CHUNK positions, cut where the batch scheduler cuts them."""
         # A new token's products run on numba's threads. torch's own threads would spin between
         # its ops and starve them (measured 4 instead of 25 tokens/s, with OpenBLAS then), so
         # torch keeps to the calling thread meanwhile; a prompt's products are torch's, on all
         # its threads.
+        if not ids:
+            raise ValueError("nothing to feed")
         threads = torch.get_num_threads()
         torch.set_num_threads(1 if len(ids) == 1 else threads)
         try:
             with np.errstate(over="ignore"):  # _silu's exp: overflow to inf is intended
-                return torch.from_numpy(self._forward(ids, cache))
+                done = 0
+                while done < len(ids):
+                    piece = min(len(ids) - done, PREFILL_CHUNK - cache.length % PREFILL_CHUNK)
+                    last = done + piece == len(ids)
+                    result = self._forward(ids[done:done + piece], cache, logits and last)
+                    done += piece
+                return torch.from_numpy(result) if logits else None
+        finally:
+            torch.set_num_threads(threads)
+
+    def forward_batch(self, caches: list[KVCache], tokens: list[int]) -> torch.Tensor:
+        """One new token for each of several sequences, each with its own cache and position:
+        logits [B, vocab]. Every product reads its weight once for all B rows (matvec.py's
+        matmat); each row computes what forward() computes for it alone (tested bit for bit)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as for one token: the products are numba's
+        try:
+            with np.errstate(over="ignore"):
+                return torch.from_numpy(self._forward_batch(caches, tokens))
         finally:
             torch.set_num_threads(threads)
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int], cache: KVCache) -> np.ndarray:
+    def _forward_batch(self, caches: list[KVCache], tokens: list[int]) -> np.ndarray:
+        count, heads, kv_heads = len(tokens), self.heads, self.kv_heads
+        for cache in caches:
+            if cache.length + 1 > self.max_positions:
+                raise ValueError(f"{cache.length + 1} positions > the model's {self.max_positions}")
+        angles = torch.tensor([float(c.length) for c in caches], dtype=torch.float32)[:, None] * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)  # [B, D]: each row at its own position
+        cos, sin = angles.cos().numpy()[:, None], angles.sin().numpy()[:, None]
+        x = self.embed.rows(tokens)  # [B, hidden]
+        attended = np.empty((count, heads * self.head_dim), dtype=np.float32)
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, self.eps)
+            qkv = layer.qkv.matmat(h).reshape(count, heads + 2 * kv_heads, self.head_dim)
+            qk = _rotate(qkv[:, :heads + kv_heads], cos, sin)  # [B, q and k heads, D]
+            for row, cache in enumerate(caches):
+                keys_t, values = cache.extend(index, qk[row, heads:, None], qkv[row, heads + kv_heads:, None])
+                attended[row] = self._attend_one(qk[row, :heads, None], keys_t, values)[0]
+            x = x + layer.o.matmat(attended)
+            h = _rms_norm(x, layer.post_norm, self.eps)
+            gate_up = layer.gate_up.matmat(h)
+            x = x + layer.down.matmat(_silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:])
+        for cache in caches:
+            cache.length += 1
+        return self.head.matmat(_rms_norm(x, self.norm, self.eps))
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], cache: KVCache, logits: bool = True) -> np.ndarray | None:
         start, count = cache.length, len(ids)
-        if count > 1 and start:
-            raise ValueError("several ids at once only for the prompt, into an empty cache")
         if start + count > self.max_positions:
             raise ValueError(f"{start + count} positions > the model's {self.max_positions}")
         # cos/sin by torch, as transformers computes them (numpy's cos may round differently)
@@ -288,15 +357,19 @@ class LeanLlama:
             qk = _rotate(qkv[:heads + kv_heads], cos, sin)  # q and k heads in one go
             q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
             keys_t, values = cache.extend(index, k, v)
-            # several ids only go into an empty cache (checked above): the prompt attends to itself
-            attended = self._attend_prompt(q, k, v) if count > 1 else self._attend_one(q, keys_t, values)
+            if count == 1:
+                attended = self._attend_one(q, keys_t, values)
+            elif start == 0:  # the prompt's first piece attends to itself
+                attended = self._attend_prompt(q, k, v)
+            else:  # a later piece: to the positions before it, and causally to itself
+                attended = self._attend_piece(q, keys_t, values, start)
             x = x + _product(attended, layer.o, self.scratch)
             h = _rms_norm(x, layer.post_norm, self.eps)
             gate_up = _product(h, layer.gate_up, self.scratch)
             x = x + _product(_silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:], layer.down,
                              self.scratch)
         cache.length += count
-        return self.head.matvec(_rms_norm(x[-1:], self.norm, self.eps)[0])
+        return self.head.matvec(_rms_norm(x[-1:], self.norm, self.eps)[0]) if logits else None
 
     def _attend_prompt(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
         """The prompt into an empty cache: q [heads, T, D], keys/values [kv_heads, T, D] -> [T, heads * D].
@@ -305,6 +378,17 @@ class LeanLlama:
             torch.from_numpy(q)[None], torch.from_numpy(keys)[None], torch.from_numpy(values)[None],
             is_causal=True, enable_gqa=self.kv_heads != self.heads)[0].numpy()
         return attended.transpose(1, 0, 2).reshape(q.shape[1], -1)
+
+    def _attend_piece(self, q: np.ndarray, keys_t: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
+        """A prompt piece after `start` cached positions: q [heads, T, D], keys_t [kv_heads, D,
+        start + T], values [kv_heads, start + T, D] -> [T, heads * D]; query i sees positions up
+        to start + i."""
+        count = q.shape[1]
+        allowed = torch.arange(start + count)[None, :] <= torch.arange(start, start + count)[:, None]
+        attended = F.scaled_dot_product_attention(
+            torch.from_numpy(q)[None], torch.from_numpy(keys_t).transpose(1, 2)[None], torch.from_numpy(values)[None],
+            attn_mask=allowed, enable_gqa=self.kv_heads != self.heads)[0].numpy()
+        return attended.transpose(1, 0, 2).reshape(count, -1)
 
     def _attend_one(self, q: np.ndarray, keys_t: np.ndarray, values: np.ndarray) -> np.ndarray:
         """One new token: q [heads, 1, D], keys_t [kv_heads, D, positions], values [kv_heads,

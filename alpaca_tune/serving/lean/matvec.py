@@ -61,6 +61,23 @@ def _matvec(weight, x, out):
             out[row] = total
 
 
+@njit(parallel=True, fastmath=True, cache=True)
+def _matmat(weight, x, out):
+    """out[b] = weight @ x[b] for every row b of x [B, in]: each weight row is read from memory
+    once for all B rows (it stays in L1 meanwhile), so a batch of B tokens costs about one token's
+    memory traffic. Each (row, b) sum runs the same loop as _matvec, so a row's result is the one
+    it gets alone (tests/serving/lean/test_matvec.py checks they are equal bit for bit)."""
+    rows, width = weight.shape
+    batch = x.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for row in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            for b in range(batch):
+                total = np.float32(0)
+                for i in range(width):
+                    total += _widen(weight[row, i]) * x[b, i]
+                out[b, row] = total
+
+
 # How each dtype is stored: numpy has no bf16, and numba no fp16 arrays, so both as 16-bit integers,
 # told apart by signedness.
 BITS = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.int16}
@@ -79,6 +96,7 @@ def warm_up(dtypes: set[str]) -> None:
     try:
         for dtype in dtypes:
             _matvec(np.zeros((1, 4), dtype=BITS[dtype]), x, np.empty(1, np.float32))
+            _matmat(np.zeros((1, 4), dtype=BITS[dtype]), x[None], np.empty((1, 1), np.float32))
     finally:
         numba.set_num_threads(threads)
 
@@ -94,6 +112,12 @@ class Matrix:
         """weight @ x for one fp32 vector x [in] -> [out], fp32."""
         out = np.empty(self.shape[0], dtype=np.float32)
         _matvec(self.bits, x, out)
+        return out
+
+    def matmat(self, x: np.ndarray) -> np.ndarray:
+        """weight @ x[b] for each fp32 row of x [B, in] -> [B, out], fp32, the weight read once."""
+        out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
+        _matmat(self.bits, np.ascontiguousarray(x), out)
         return out
 
     def float32(self, scratch: np.ndarray | None = None) -> np.ndarray:

@@ -228,3 +228,38 @@ def test_serving_tokenizer_equals_transformers(tmp_path, tiny_tokenizer_dir):
             assert ours(text)["input_ids"] == ids, (directory.name, text)
             with_eos = ids[1:] + [theirs.eos_token_id]
             assert ours.decode(with_eos) == theirs.decode(with_eos, skip_special_tokens=True)
+
+
+def test_a_batch_step_gives_each_row_what_it_gets_alone(tmp_path, tiny_tokenizer_dir):
+    """forward_batch over sequences at different positions equals each one's forward, bit for bit."""
+    save_model(tmp_path, tiny_tokenizer_dir)
+    lean = LeanLlama.load(tmp_path)
+    prompts = [PROMPT, PROMPT[:3], [1, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86]]
+    alone, batched = [lean.new_cache(20) for _ in prompts], [lean.new_cache(20) for _ in prompts]
+    for prompt, one, many in zip(prompts, alone, batched):
+        lean.forward(prompt, one)
+        lean.forward(prompt, many)
+    for tokens in ([50, 61, 72], [90, 3, 4], [5, 6, 7]):
+        together = lean.forward_batch(batched, tokens)
+        for row, (token, cache) in enumerate(zip(tokens, alone)):
+            assert torch.equal(together[row], lean.forward([token], cache))
+    assert [c.length for c in batched] == [c.length for c in alone] == [11, 6, 14]
+
+
+def test_a_long_prompt_fed_in_pieces_equals_transformers(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """Prompts go in PREFILL_CHUNK pieces; a later piece attends to the cached positions before it."""
+    from alpaca_tune.serving.lean import llama
+
+    monkeypatch.setattr(llama, "PREFILL_CHUNK", 16)
+    reference = save_model(tmp_path, tiny_tokenizer_dir)
+    lean = LeanLlama.load(tmp_path)
+    prompt = [1] + [40 + (i * 7) % 300 for i in range(52)]  # 53 positions: pieces of 16, 16, 16, 5
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([prompt + [50, 61]])).logits[0]
+    cache = lean.new_cache(len(prompt) + 2)
+    got = [lean.forward(prompt, cache), lean.forward([50], cache), lean.forward([61], cache)]
+    torch.testing.assert_close(torch.stack(got), expected[len(prompt) - 1:], atol=1e-5, rtol=1e-4)
+    pieces = lean.new_cache(len(prompt))  # fed by the scheduler piece by piece: the same logits
+    for start in range(0, len(prompt), 16):
+        last = lean.forward(prompt[start:start + 16], pieces)
+    assert torch.equal(last, got[0])

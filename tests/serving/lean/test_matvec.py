@@ -73,3 +73,17 @@ def test_parts_are_stacked_in_the_widest_dtype():
     assert (stacked_mixed.dtype, stacked_mixed.shape) == ("float32", (5, 6))
     assert np.array_equal(stacked_half.float32(), torch.cat(half).float().numpy())
     assert np.array_equal(stacked_mixed.float32(), torch.cat([mixed[0], mixed[1].float()]).numpy())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_matmat_rows_are_the_matvec_of_each_row_bit_for_bit(dtype, batch):
+    """The batch scheduler's products: each row of a batched product is exactly what that row
+    gets alone, so a request's answer does not depend on what else is in its batch."""
+    torch.manual_seed(0)
+    (matrix,) = stored(torch.randn(130, 1000).to(dtype))
+    x = np.random.default_rng(2).standard_normal((batch, 1000)).astype(np.float32)
+    got = matrix.matmat(x)
+    assert got.shape == (batch, 130) and got.dtype == np.float32
+    for row in range(batch):
+        assert np.array_equal(got[row], matrix.matvec(x[row]))
