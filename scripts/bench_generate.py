@@ -13,8 +13,9 @@ flips between ~30 and ~50 GB/s from one second to the next. Reported: time to fi
 reached, each run against its own bound and against the highest bandwidth seen in the run (the
 strictest reading); medians over the runs. EOS is ignored so both sides generate exactly the
 same count.
-The Predictor serves one request at a time, so its batch throughput is its single-stream rate;
-`generate` with a batch of prompts is shown for comparison (aggregate tokens/s).
+With --batch N, two more rows: N requests at once through the Predictor's scheduler
+(serving/scheduler.py: one batched step a token for all of them) and `generate` with N prompts
+in one call; both report aggregate tokens/s.
 """
 
 from __future__ import annotations
@@ -77,6 +78,27 @@ def time_ours(decoder, prompt_ids, new_tokens) -> tuple[float, float]:
     return first - started, (count - 1) / (end - first)
 
 
+def time_ours_batched(served, prompt_ids, new_tokens, batch: int) -> tuple[float, float]:
+    """`batch` identical requests submitted together to the Predictor's scheduler: (time to the
+    first chunk of the first, aggregate tokens/s after it)."""
+    scheduler = served.batching(batch)
+    scheduler.eos_ids = frozenset()  # EOS ignored, as in the other rows
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    try:
+        started = time.perf_counter()
+        streams = [scheduler.submit(prompt_ids, params, []) for _ in range(batch)]
+        chunks = iter(streams[0])
+        next(chunks)
+        first = time.perf_counter()
+        for stream in [chunks, *streams[1:]]:
+            list(stream)
+        end = time.perf_counter()
+    finally:
+        scheduler.close()
+    assert all(stream.output_tokens == new_tokens for stream in streams)
+    return first - started, batch * (new_tokens - 1) / (end - first)
+
+
 def time_hf(model, prompt_ids, new_tokens, batch: int = 1) -> tuple[float, float]:
     ids = torch.tensor([prompt_ids] * batch, device=model.device)
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -96,7 +118,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--base_model", default="")
     parser.add_argument("--batch", type=int, default=8,
-                        help="prompts per generate() call in the batch row (0: no batch row)")
+                        help="requests at once in the batch rows (ours through the scheduler, generate in one "
+                             "call; 0: no batch rows)")
     parser.add_argument("--prompt_tokens", type=int, default=0,
                         help="repeat the instruction until the prompt has at least this many tokens, to time "
                              "decoding at a long context (the bound still counts weights only)")
@@ -133,7 +156,8 @@ def main() -> None:
     with torch.inference_mode():
         decoders = [("ours", time_ours, served.decoder), ("hf-generate", time_hf, model)]
         if args.batch:
-            decoders.append((f"hf-generate x{args.batch}", hf_batch, model))
+            decoders += [(f"ours x{args.batch}", functools.partial(time_ours_batched, batch=args.batch), served),
+                         (f"hf-generate x{args.batch}", hf_batch, model)]
         for name, timer, subject in decoders:
             timer(subject, prompt_ids, 8)  # warm-up
             runs = []
@@ -157,6 +181,10 @@ def main() -> None:
         shown = f"{share:9.0%} {rate / bound(high, reads.get(name, per_token)):8.0%}" if "x" not in name else f"{'(batch)':>9}"
         print(f"{name:16} {ttft * 1000:6.0f}ms {rate:9.1f} {shown}")
     print(f"\nours / hf-generate: {rows['ours'][1] / rows['hf-generate'][1]:.2f}x tokens/s")
+    if args.batch:
+        batched = rows[f"ours x{args.batch}"][1]
+        print(f"ours x{args.batch} / ours: {batched / rows['ours'][1]:.2f}x aggregate tokens/s; "
+              f"ours x{args.batch} / hf-generate x{args.batch}: {batched / rows[f'hf-generate x{args.batch}'][1]:.2f}x")
 
 
 if __name__ == "__main__":
