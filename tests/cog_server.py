@@ -254,6 +254,19 @@ class LocalHTTP:
         self.httpd.server_close()
 
 
+def run_clients(client, count: int, timeout: float = 300.0) -> float:
+    """Run client(0) ... client(count - 1) on threads at once; the wall time until all ended
+    (AssertionError if one is still running after `timeout`)."""
+    threads = [threading.Thread(target=client, args=(number,)) for number in range(count)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, started + timeout - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), f"clients still running after {timeout:.0f} s"
+    return time.monotonic() - started
+
+
 def wait_until_idle(server: CogServer, timeout: float = 30.0):
     """coglet answers a request a few milliseconds before it frees its one slot: a request sent in
     that window gets 409. A client that must not see it waits for READY (or retries)."""

@@ -20,7 +20,18 @@ def test_bench_generate_checks_equal_tokens_and_reports_both_decoders(tiny_model
     out = run_script("scripts/bench_generate.py", "--base_model", str(tiny_model_dir), "--new_tokens", "6",
                      "--repeats", "1", "--batch", "2")
     assert "memory bandwidth (read)" in out and "ours / hf-generate:" in out
-    assert all(name in out for name in ("ours", "hf-generate", "hf-generate x2"))
+    assert all(name in out for name in ("ours", "hf-generate", "ours x2", "hf-generate x2"))
+    assert "ours x2 / ours:" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "alpaca_data_sample.json").exists(), reason="needs ../shared/data")
+def test_bench_serve_drives_the_real_server_at_each_concurrency(tiny_model_dir):
+    out = run_script("scripts/bench_serve.py", "--base_model", str(tiny_model_dir), "--concurrency", "1,3",
+                     "--requests", "2", "--max_new_tokens", "6")
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(row[0], row[1], row[2]) for row in rows] == [("1", "2", "0"), ("3", "6", "0")]  # clients, requests, failed
+    assert all(int(row[3]) > 0 for row in rows)  # tokens the server counted
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import time
 
 import psutil
 import pytest
-from cog_server import CogServer, tiny_env, wait_until_idle
+from cog_server import CogServer, run_clients, tiny_env, wait_until_idle
 
 pytestmark = pytest.mark.slow
 
@@ -97,13 +97,7 @@ def test_load_with_faults_mixed_in(tiny_model_dir):
                     if not outcome[2]:
                         problems.append(outcome)
 
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
-        started = time.monotonic()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(300)
-        assert not any(thread.is_alive() for thread in threads), "clients still running after 5 minutes"
+        wall = run_clients(client, CLIENTS, timeout=300)
         assert len(statuses) == CLIENTS * REQUESTS
         assert not [code for code in statuses if code >= 500], statuses
         assert not problems, problems[:5]
@@ -112,4 +106,4 @@ def test_load_with_faults_mixed_in(tiny_model_dir):
         code, body = server.post("/predictions", {"input": inputs(0)})
         assert code == 200 and "".join(body["output"]) == alone[0]
         assert worker_rss_mb(server) < warm_mb + 100, (warm_mb, worker_rss_mb(server))
-        print(f"{CLIENTS * REQUESTS} requests in {time.monotonic() - started:.1f} s")
+        print(f"{CLIENTS * REQUESTS} requests in {wall:.1f} s")

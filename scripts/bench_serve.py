@@ -1,0 +1,113 @@
+"""Serving throughput and latency over HTTP: the real Cog server (coglet), SSE clients at once.
+
+    python scripts/bench_serve.py                                   # embedded SmolLM2, 1-16 clients
+    python scripts/bench_serve.py --concurrency 1,8 --requests 2 --max_new_tokens 32
+
+The server is started as `make serve` starts it (tests/cog_server.py: scripts/serve.py's command
+and environment, 16 slots). For each concurrency C, C clients each send `--requests` streamed
+predictions one after another (Accept: text/event-stream), with prompts of mixed lengths drawn
+from ../shared/data's Alpaca sample (seed 0), greedy, `--max_new_tokens` at most. Reported per C:
+aggregate output tokens/s (the server's own output_token_count over the wall time of the round),
+time to first chunk (p50/p99 over requests) and the gap between chunks (p50/p99), and aggregate
+tokens/s relative to one client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from cog_server import CogServer, run_clients  # noqa: E402
+
+SAMPLE = ROOT.parent / "shared" / "data" / "alpaca_data_sample.json"
+
+
+def prompts(count: int, seed: int = 0) -> list[dict]:
+    records = json.loads(SAMPLE.read_text())
+    random.Random(seed).shuffle(records)
+    return [{"prompt": r["instruction"], "input": r.get("input") or ""} for r in records[:count]]
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def one_round(server: CogServer, clients: int, requests: int, pool: list[dict], max_new_tokens: int) -> dict:
+    firsts, gaps, tokens, failures = [], [], [], []
+    lock = threading.Lock()
+
+    def client(number: int) -> None:
+        for request in range(requests):
+            body = {"input": {**pool[(number * requests + request) % len(pool)], "max_new_tokens": max_new_tokens,
+                              "temperature": 0.0}}
+            started, last, final = time.monotonic(), None, None
+            mine_first, mine_gaps = None, []
+            for event, data, at in server.events("/predictions", body):
+                if event == "http" and data["status"] != 200:
+                    final = {"status": f"HTTP {data['status']}"}
+                elif event == "output":
+                    if mine_first is None:
+                        mine_first = at - started
+                    else:
+                        mine_gaps.append(at - last)
+                    last = at
+                elif event == "completed":
+                    final = data
+            with lock:
+                if final is None or final.get("status") != "succeeded":
+                    failures.append(final)
+                    continue
+                tokens.append(final["metrics"]["output_token_count"])
+                if mine_first is not None:
+                    firsts.append(mine_first)
+                gaps.extend(mine_gaps)
+
+    wall = run_clients(client, clients, timeout=3600)
+    return {"clients": clients, "requests": clients * requests, "failed": len(failures),
+            "tokens": sum(tokens), "wall": wall, "tokens_per_s": sum(tokens) / wall,
+            "ttft_p50": percentile(firsts, 0.5), "ttft_p99": percentile(firsts, 0.99),
+            "gap_p50": percentile(gaps, 0.5), "gap_p99": percentile(gaps, 0.99)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated numbers of clients at once")
+    parser.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--base_model", default="", help="base model directory (default: the embedded SmolLM2)")
+    args = parser.parse_args(argv)
+    from alpaca_tune import device
+    from alpaca_tune.base_model import resolve_base_dir
+
+    levels = [int(part) for part in args.concurrency.split(",")]
+    base = resolve_base_dir(args.base_model)
+    pool = prompts(max(levels) * args.requests)
+    print(f"machine: {device.describe_line()}")
+    print(f"base {base.name}, {len(pool)} prompts from {SAMPLE.name} (seed 0), greedy, max_new_tokens "
+          f"{args.max_new_tokens}, {args.requests} request(s) per client")
+    with CogServer("predict", env={"ALPACA_TUNE_BASE": str(base)}) as server:
+        server.wait_ready()
+        one_round(server, 1, 1, pool, 8)  # warm-up
+        rows = [one_round(server, clients, args.requests, pool, args.max_new_tokens) for clients in levels]
+    single = rows[0]["tokens_per_s"] if rows and rows[0]["clients"] == 1 else None
+    print(f"{'clients':>7} {'requests':>8} {'failed':>6} {'tokens':>7} {'tokens/s':>9} {'vs 1':>6} "
+          f"{'TTFT p50':>9} {'p99':>7} {'gap p50':>8} {'p99':>7}")
+    for row in rows:
+        ratio = f"{row['tokens_per_s'] / single:5.2f}x" if single else "     -"
+        print(f"{row['clients']:7d} {row['requests']:8d} {row['failed']:6d} {row['tokens']:7d} "
+              f"{row['tokens_per_s']:9.1f} {ratio} {row['ttft_p50'] * 1000:7.0f}ms {row['ttft_p99'] * 1000:5.0f}ms "
+              f"{row['gap_p50'] * 1000:6.1f}ms {row['gap_p99'] * 1000:5.1f}ms")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
