@@ -6,6 +6,7 @@
 Thin on purpose: Cog Inputs / command-line flags -> GenerateSettings -> alpaca_tune.serving.
 """
 
+import asyncio
 import os
 import sys
 from collections.abc import Iterator
@@ -53,11 +54,13 @@ class Predictor(BasePredictor):
         stop_sequences: str = cog_input(G, "stop_sequences"),
         seed: int = cog_input(G, "seed"),
         prompt_template: str = cog_input(G, "prompt_template"),
+        lora_weights: str = cog_input(G, "lora_weights"),
     ) -> AsyncConcatenateIterator[str]:
         inputs = filled_in(locals())
         del inputs["self"]
-        # bad input fails here, before the request is queued
-        stream = self.model.submit(self.scheduler, GenerateSettings(**inputs))
+        # bad input fails here, before the request is queued; off the event loop, since a new
+        # lora_weights is downloaded and unpacked here
+        stream = await asyncio.to_thread(self.model.submit, self.scheduler, GenerateSettings(**inputs))
         return self._relay(stream, self.scope)
 
     @staticmethod

@@ -114,6 +114,10 @@ class GenerateSettings:
                                           "template in $ALPACA_TUNE_TEMPLATE_DIR, or the template itself as "
                                           "JSON: {\"prompt_input\": ..., \"prompt_no_input\": ..., "
                                           "\"response_split\": ...}.")
+    lora_weights: str = option("", "An adapter for this request alone: an http(s) URL or a data: URI of an "
+                                   "adapter archive from train.py, or the name of one in the server's "
+                                   "$ALPACA_TUNE_ADAPTER_DIR. Empty: the server's own adapter (COG_WEIGHTS), "
+                                   "or the base alone.")
     # Local-only: the command line's; no HTTP input reaches a server path.
     prompt_template_file: str = option("", "A template JSON file to use instead of prompt_template.",
                                        cog=False)

@@ -345,3 +345,18 @@ def test_corrupt_weights_fail_setup_clearly(tmp_path, tiny_model_dir):
         code, body = bad.post("/predictions", {"input": {"prompt": "Hi"}})
         assert code == 503 and body["status"] == "failed", body
         assert bad.health()["status"] == "SETUP_FAILED"  # still up, still saying why
+
+
+def test_lora_weights_chooses_the_adapter_per_request(server, base_server, weights_dir, tmp_path):
+    """The base-only server given the adapter per request answers as the server that has it as
+    COG_WEIGHTS; a server path is refused with one message, whatever exists there."""
+    from alpaca_tune.serving.adapters import REFUSED
+
+    uri = data_uri(weights_dir / "adapter.tar.gz", "application/gzip")
+    for prompt in ("Tell me about alpacas.", "Name three colours."):
+        inputs = dict(prompt=prompt, max_new_tokens=16, **GREEDY)
+        assert text_of(predict(base_server, **inputs, lora_weights=uri)) == text_of(predict(server, **inputs))
+    (tmp_path / "adapter.tar.gz").write_bytes((weights_dir / "adapter.tar.gz").read_bytes())
+    for spec in (str(tmp_path / "adapter.tar.gz"), str(tmp_path / "missing.tar.gz"), "/etc/passwd"):
+        failed = predict(base_server, prompt="Hi", lora_weights=spec)
+        assert failed["status"] == "failed" and failed["error"].endswith(REFUSED), failed

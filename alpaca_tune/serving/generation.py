@@ -63,12 +63,14 @@ def time_limit_error(time_limit_s: float, tokens: int) -> TimeLimitError:
 
 @torch.inference_mode()
 def generate_token_ids(decoder: Decoder, prompt_ids: list[int], params: SamplingParams,
-                       eos_ids: set[int] | frozenset[int], time_limit_s: float | None = None) -> Iterator[int]:
+                       eos_ids: set[int] | frozenset[int], time_limit_s: float | None = None,
+                       adapter=None) -> Iterator[int]:
     """Yield generated ids one at a time (EOS excluded), reusing the KV cache between steps;
     TimeLimitError once `time_limit_s` have passed since the call."""
     started = time.monotonic()
     picker = TokenPicker(prompt_ids, params, eos_ids, decoder.device)
-    with decoder.feeder(len(prompt_ids) + params.max_new_tokens) as feed:
+    capacity = len(prompt_ids) + params.max_new_tokens
+    with (decoder.feeder(capacity, adapter) if adapter is not None else decoder.feeder(capacity)) as feed:
         logits = feed(prompt_ids)
         while not picker.full:
             if time_limit_s is not None and time.monotonic() - started > time_limit_s:
@@ -132,11 +134,11 @@ class TextAssembler:
 
 
 def stream_text(decoder: Decoder, tokenizer, prompt_ids: list[int], params: SamplingParams,
-                stop_sequences: list[str], time_limit_s: float | None = None) -> Iterator[str]:
+                stop_sequences: list[str], time_limit_s: float | None = None, adapter=None) -> Iterator[str]:
     """Response text in chunks as tokens arrive; never the prompt, never a stop sequence."""
     eos_ids = decoder.eos_ids | ({tokenizer.eos_token_id} - {None})
     text = TextAssembler(tokenizer, stop_sequences)
-    for token in generate_token_ids(decoder, prompt_ids, params, eos_ids, time_limit_s):
+    for token in generate_token_ids(decoder, prompt_ids, params, eos_ids, time_limit_s, adapter):
         chunk = text.add(token)
         if chunk:
             yield chunk

@@ -25,6 +25,7 @@ from ..data.prompts import (
 from ..data.tokenization import encode_prompt
 from ..device import pick_device
 from ..settings import GenerateSettings, SettingsError, validate
+from .adapters import AdapterCache
 from .decoder import Decoder
 from .generation import parse_stop_sequences, stream_text
 from .lean.llama import LeanLlama, read_config, unsupported_reason
@@ -34,7 +35,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler, Stream
 from .tokenizer import ServingTokenizer, can_serve
 from .transformers_decoder import TransformersDecoder
-from .weights import fetch_weights, read_training_config
+from .weights import WeightsError, fetch_weights, read_training_config
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +54,33 @@ def lean_unsupported_reason(base_dir: Path, adapter_dir: Path | None, merge: boo
 
 class InstructModel:
     def __init__(self, decoder: Decoder, tokenizer, trained_template: PromptTemplate | None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, base_shapes: dict | None = None):
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.trained_template = trained_template
         self.limits = limits or Limits.from_env()
+        # per-request adapters (lora_weights), where the decoder applies them unmerged
+        self.adapters = AdapterCache(decoder, base_shapes, self.limits) \
+            if base_shapes is not None and hasattr(decoder, "low_rank_updates") else None
 
     @classmethod
     def load(cls, weights: str | None = None, base_model: str = "", merge: bool = True) -> InstructModel:
         """Base model (+ adapter from an archive, a directory or an http(s) URL when weights is set)."""
         limits = Limits.from_env()  # read once, at setup
         base_dir = resolve_base_dir(base_model)
+        shapes = weight_shapes(base_dir)
         if not weights:
-            return cls(cls._load_model(base_dir, None, merge), cls._tokenizer(base_dir), None, limits)
+            return cls(cls._load_model(base_dir, None, merge), cls._tokenizer(base_dir), None, limits, shapes)
         # the unpacked files are only needed until the weights are in memory
         with tempfile.TemporaryDirectory(prefix="adapter-") as workdir:
             adapter = fetch_weights(str(weights), Path(workdir), limits)
-            check_adapter(adapter.root, weight_shapes(base_dir), adapter.label)
+            check_adapter(adapter.root, shapes, adapter.label)
             recorded = read_training_config(adapter).get("prompt_template")
             template = template_from_json(recorded, f"{adapter.label}: training_config.json") if recorded else None
             model = cls._load_model(base_dir, adapter.root, merge, adapter.label)
             tokenizer = cls._tokenizer(base_dir)
         log.info("adapter loaded from %s (%s)", adapter.label, "merged" if merge else "unmerged")
-        return cls(model, tokenizer, template, limits)
+        return cls(model, tokenizer, template, limits, shapes)
 
     @staticmethod
     def _load_model(base_dir: Path, adapter_dir: Path | None, merge: bool, label: str | None = None) -> Decoder:
@@ -102,10 +107,17 @@ class InstructModel:
         template = self.template_for(settings)
         return encode_prompt(self.tokenizer, template.render(settings.prompt, settings.input))
 
-    def request(self, settings: GenerateSettings) -> tuple[list[int], SamplingParams, list[str]]:
-        """(prompt ids, sampling parameters, stop sequences) of a request; a prompt too long for
-        the model is refused before anything runs."""
+    def request(self, settings: GenerateSettings) -> tuple[list[int], SamplingParams, list[str], object]:
+        """(prompt ids, sampling parameters, stop sequences, its own adapter or None) of a request;
+        a prompt too long for the model, or an adapter that cannot be used, is refused before
+        anything runs."""
         validate(settings)
+        adapter = None
+        if settings.lora_weights:
+            if self.adapters is None:
+                raise WeightsError("lora_weights: this server cannot apply an adapter per request (only on the CPU "
+                                   "Llama path for now); serve the adapter as COG_WEIGHTS")
+            adapter = self.adapters.get(settings.lora_weights)
         prompt_ids = self.prompt_ids(settings)
         context = self.decoder.context_length
         room = context - len(prompt_ids)
@@ -114,12 +126,13 @@ class InstructModel:
                                 f"most {context}: shorten it")
         # the answer ends where the model's context does, as transformers' generate would end it
         params = SamplingParams.from_settings(settings, max_new_tokens=min(settings.max_new_tokens, room))
-        return prompt_ids, params, parse_stop_sequences(settings.stop_sequences)
+        return prompt_ids, params, parse_stop_sequences(settings.stop_sequences), adapter
 
     def stream(self, settings: GenerateSettings) -> Iterator[str]:
         """Chunks of the answer, decoded here alone (the command line's way)."""
-        prompt_ids, params, stops = self.request(settings)
-        return stream_text(self.decoder, self.tokenizer, prompt_ids, params, stops, self.limits.max_predict_seconds)
+        prompt_ids, params, stops, adapter = self.request(settings)
+        return stream_text(self.decoder, self.tokenizer, prompt_ids, params, stops, self.limits.max_predict_seconds,
+                           adapter)
 
     def batching(self, max_batch: int) -> Scheduler:
         """A scheduler that serves up to `max_batch` requests at once, batched (scheduler.py)."""

@@ -8,6 +8,8 @@
     ALPACA_TUNE_KV_BUDGET_TOKENS     KV-cache positions all running requests may reserve together;
                                      default: a full context per slot, at most a quarter of the
                                      memory available at setup
+    ALPACA_TUNE_MAX_CACHED_ADAPTERS  per-request adapters (lora_weights) kept loaded; 16
+    ALPACA_TUNE_MAX_CACHED_ADAPTER_BYTES  ... and their bytes at most; 2 GiB
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class Limits:
     max_archive_members: int = 1000
     max_predict_seconds: float = 600.0
     kv_budget_tokens: int = 0  # 0: instruct.default_kv_budget
+    max_cached_adapters: int = 16
+    max_cached_adapter_bytes: int = 2 << 30
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -62,4 +66,6 @@ class Limits:
         return cls(number("ALPACA_TUNE_MAX_UNPACKED_BYTES", cls.max_unpacked_bytes, int),
                    number("ALPACA_TUNE_MAX_ARCHIVE_MEMBERS", cls.max_archive_members, int),
                    number("ALPACA_TUNE_MAX_PREDICT_SECONDS", cls.max_predict_seconds, float),
-                   number("ALPACA_TUNE_KV_BUDGET_TOKENS", cls.kv_budget_tokens, int))
+                   number("ALPACA_TUNE_KV_BUDGET_TOKENS", cls.kv_budget_tokens, int),
+                   number("ALPACA_TUNE_MAX_CACHED_ADAPTERS", cls.max_cached_adapters, int),
+                   number("ALPACA_TUNE_MAX_CACHED_ADAPTER_BYTES", cls.max_cached_adapter_bytes, int))

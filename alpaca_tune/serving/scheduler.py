@@ -77,6 +77,7 @@ class _Request:
     text: TextAssembler
     stream: Stream
     capacity: int  # KV positions reserved: prompt + max_new_tokens
+    adapter: object = None  # its own adapter's updates (the decoder's feeder applies them)
     submitted: float = field(default_factory=time.monotonic)
     exits: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     feed: object = None
@@ -101,7 +102,9 @@ class Scheduler:
         self._thread.start()
 
     # -- any thread ------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_sequences: list[str]) -> Stream:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_sequences: list[str],
+               adapter=None) -> Stream:
+        """Queue a request; `adapter`: its own unmerged adapter (the decoder's updates), if any."""
         capacity = len(prompt_ids) + params.max_new_tokens
         if capacity > self.kv_budget_tokens:
             raise CapacityError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
@@ -110,7 +113,7 @@ class Scheduler:
         stream = Stream()
         stream.input_tokens = len(prompt_ids)
         request = _Request(prompt_ids, TokenPicker(prompt_ids, params, self.eos_ids, self.decoder.device),
-                           TextAssembler(self.tokenizer, stop_sequences), stream, capacity)
+                           TextAssembler(self.tokenizer, stop_sequences), stream, capacity, adapter)
         with self._wake:
             if self._closing:
                 raise RuntimeError("the scheduler is closed")
@@ -182,7 +185,9 @@ class Scheduler:
                 self._reserved += request.capacity
                 self._running.append(request)
                 request.stream.queue_time = now - request.submitted
-                request.feed = request.exits.enter_context(self.decoder.feeder(request.capacity))
+                feeder = self.decoder.feeder(request.capacity, request.adapter) if request.adapter is not None \
+                    else self.decoder.feeder(request.capacity)
+                request.feed = request.exits.enter_context(feeder)
 
     def _prefill(self, request: _Request) -> None:
         end = len(request.prompt_ids) if self.prefill_chunk is None else \

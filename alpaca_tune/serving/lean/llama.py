@@ -168,13 +168,24 @@ class KVCache:
 
 
 @dataclass
+class LowRankUpdates:
+    """An adapter applied unmerged, per request: (layer, product) -> [(first output, end, A [r, in],
+    B [end - first, r])], each adding (x @ A.T) @ B.T to those outputs of that product (layer -1:
+    the head). Built by LeanLlama.low_rank_updates."""
+    by_product: dict[tuple[int, str], list[tuple[int, int, np.ndarray, np.ndarray]]]
+    nbytes: int
+
+
+@dataclass
 class LeanFeed:
-    """feed(ids) -> logits over one sequence's cache (the Decoder interface's feed)."""
+    """feed(ids) -> logits over one sequence's cache (the Decoder interface's feed), with the
+    request's own adapter, if any, applied unmerged."""
     model: LeanLlama
     cache: KVCache
+    updates: LowRankUpdates | None = None
 
     def __call__(self, ids: list[int]) -> torch.Tensor:
-        return self.model.forward(ids, self.cache)
+        return self.model.forward(ids, self.cache, updates=self.updates)
 
 
 class LeanLlama:
@@ -233,11 +244,12 @@ class LeanLlama:
     def load(cls, base_dir: Path, adapter_dir: Path | None = None) -> LeanLlama:
         config = read_config(base_dir)
         state = load_safetensors(Path(base_dir))
-        if adapter_dir is not None:
-            merge_lora(state, adapter_dir)  # merged matrices become fp32; the rest keep their dtype
+        # merged matrices become fp32; the rest keep their dtype
+        merged = merge_lora(state, adapter_dir) if adapter_dir is not None else {}
         has_generation_config = (Path(base_dir) / "generation_config.json").exists()
         generation_config = read_config(base_dir, "generation_config.json") if has_generation_config else None
         model = cls(config, state, generation_config)
+        model.merged = merged  # kept: a request with an adapter of its own takes this one off again
         # numba's first call costs ~0.2 s (loading its cached machine code): paid here, not by the
         # first token. (Not in a thread while the weights load: no start-up gain measured, and
         # coglet then lost the setup's later log lines.)
@@ -265,20 +277,66 @@ class LeanLlama:
         return eos_ids_in(self.generation_config, self.config)
 
     @contextlib.contextmanager
-    def feeder(self, capacity: int):
-        yield LeanFeed(self, self.new_cache(capacity))
+    def feeder(self, capacity: int, updates: LowRankUpdates | None = None):
+        yield LeanFeed(self, self.new_cache(capacity), updates)
+
+    def low_rank_updates(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], label: str) -> LowRankUpdates:
+        """An adapter's (A, scaled B) pairs as updates of this model's fused products, with the
+        adapter merged at load (if any) taken off again, so that a request gets exactly its own."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        places = {"q_proj": ("qkv", 0, q), "k_proj": ("qkv", q, q + kv), "v_proj": ("qkv", q + kv, q + 2 * kv),
+                  "o_proj": ("o", 0, self.hidden), "gate_proj": ("gate_up", 0, self.intermediate),
+                  "up_proj": ("gate_up", self.intermediate, 2 * self.intermediate), "down_proj": ("down", 0, self.hidden)}
+        by_product: dict = {}
+        nbytes = 0
+        for sign, source in ((1.0, pairs), (-1.0, getattr(self, "merged", {}))):
+            for module, (down, up) in source.items():
+                parts = module.split(".")
+                if module == "lm_head":
+                    layer, (product, first, end) = -1, ("head", 0, self.head.shape[0])
+                elif len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[4] in places:
+                    layer, (product, first, end) = int(parts[2]), places[parts[4]]
+                else:
+                    raise LeanModelError(f"{label}: adapts {module}, which a request's own adapter cannot change "
+                                         f"here (serve it as COG_WEIGHTS instead)")
+                a = down.float().contiguous().numpy()
+                b = (sign * up.float()).contiguous().numpy()
+                if b.shape[0] != end - first or a.shape[1] != (self.head.shape[1] if layer < 0 else
+                                                               self._product_width(layer, product)):
+                    raise LeanModelError(f"{label}: {module} does not fit the base model")
+                by_product.setdefault((layer, product), []).append((first, end, a, b))
+                nbytes += a.nbytes + b.nbytes
+        return LowRankUpdates(by_product, nbytes)
+
+    def _product_width(self, layer: int, product: str) -> int:
+        return getattr(self.layers[layer], product).shape[1]
+
+    @staticmethod
+    def _update(out: np.ndarray, x: np.ndarray, key: tuple[int, str], groups) -> None:
+        """Add each group's low-rank updates of product `key` to its rows of out (x: the product's
+        input). groups: [(rows, LowRankUpdates)]: rows a slice (a prompt: all its rows at once) or
+        an index array (a batch step: row by row, so that a row's sums do not depend on how many
+        others share its adapter)."""
+        for rows, updates in groups:
+            for first, end, a, b in updates.by_product.get(key, ()):
+                if isinstance(rows, slice):
+                    out[rows, first:end] += (x[rows] @ a.T) @ b.T
+                else:
+                    for row in rows:
+                        out[row, first:end] += (x[row] @ a.T) @ b.T
 
     # The batch scheduler's extras (scheduler.py)
     prefill_chunk = PREFILL_CHUNK
 
     def feed_batch(self, feeds: list[LeanFeed], tokens: list[int]) -> torch.Tensor:
-        return self.forward_batch([feed.cache for feed in feeds], tokens)
+        return self.forward_batch([feed.cache for feed in feeds], tokens, [feed.updates for feed in feeds])
 
     @property
     def kv_bytes_per_position(self) -> int:
         return len(self.layers) * self.kv_heads * self.head_dim * 2 * 4  # keys and values, fp32
 
-    def forward(self, ids: list[int], cache: KVCache, logits: bool = True) -> torch.Tensor | None:
+    def forward(self, ids: list[int], cache: KVCache, logits: bool = True,
+                updates: LowRankUpdates | None = None) -> torch.Tensor | None:
         """Feed the next ids (the prompt, or a piece of it, then one at a time); logits [vocab]
         of the last (None when not `logits`: a prompt piece whose logits nobody reads). Prompts go
         in pieces of PREFILL_CHUNK positions, cut where the batch scheduler cuts them."""
@@ -296,13 +354,14 @@ class LeanLlama:
                 while done < len(ids):
                     piece = min(len(ids) - done, PREFILL_CHUNK - cache.length % PREFILL_CHUNK)
                     last = done + piece == len(ids)
-                    result = self._forward(ids[done:done + piece], cache, logits and last)
+                    result = self._forward(ids[done:done + piece], cache, logits and last, updates)
                     done += piece
                 return torch.from_numpy(result) if logits else None
         finally:
             torch.set_num_threads(threads)
 
-    def forward_batch(self, caches: list[KVCache], tokens: list[int]) -> torch.Tensor:
+    def forward_batch(self, caches: list[KVCache], tokens: list[int],
+                      updates: list[LowRankUpdates | None] | None = None) -> torch.Tensor:
         """One new token for each of several sequences, each with its own cache and position:
         logits [B, vocab]. Every product reads its weight once for all B rows (matvec.py's
         matmat); each row computes what forward() computes for it alone (tested bit for bit)."""
@@ -310,13 +369,16 @@ class LeanLlama:
         torch.set_num_threads(1)  # as for one token: the products are numba's
         try:
             with np.errstate(over="ignore"):
-                return torch.from_numpy(self._forward_batch(caches, tokens))
+                return torch.from_numpy(self._forward_batch(caches, tokens, updates or [None] * len(tokens)))
         finally:
             torch.set_num_threads(threads)
 
     @torch.inference_mode()
-    def _forward_batch(self, caches: list[KVCache], tokens: list[int]) -> np.ndarray:
+    def _forward_batch(self, caches: list[KVCache], tokens: list[int], updates: list) -> np.ndarray:
         count, heads, kv_heads = len(tokens), self.heads, self.kv_heads
+        # rows grouped by the adapter they apply unmerged (rows without one: the weights as loaded)
+        groups = [(np.array([row for row, u in enumerate(updates) if u is own]), own)
+                  for own in {id(u): u for u in updates if u is not None}.values()]
         for cache in caches:
             if cache.length + 1 > self.max_positions:
                 raise ValueError(f"{cache.length + 1} positions > the model's {self.max_positions}")
@@ -327,22 +389,35 @@ class LeanLlama:
         attended = np.empty((count, heads * self.head_dim), dtype=np.float32)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, self.eps)
-            qkv = layer.qkv.matmat(h).reshape(count, heads + 2 * kv_heads, self.head_dim)
+            qkv = layer.qkv.matmat(h)
+            self._update(qkv, h, (index, "qkv"), groups)
+            qkv = qkv.reshape(count, heads + 2 * kv_heads, self.head_dim)
             qk = _rotate(qkv[:, :heads + kv_heads], cos, sin)  # [B, q and k heads, D]
             for row, cache in enumerate(caches):
                 keys_t, values = cache.extend(index, qk[row, heads:, None], qkv[row, heads + kv_heads:, None])
                 attended[row] = self._attend_one(qk[row, :heads, None], keys_t, values)[0]
-            x = x + layer.o.matmat(attended)
+            out = layer.o.matmat(attended)
+            self._update(out, attended, (index, "o"), groups)
+            x = x + out
             h = _rms_norm(x, layer.post_norm, self.eps)
             gate_up = layer.gate_up.matmat(h)
-            x = x + layer.down.matmat(_silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:])
+            self._update(gate_up, h, (index, "gate_up"), groups)
+            act = _silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:]
+            out = layer.down.matmat(act)
+            self._update(out, act, (index, "down"), groups)
+            x = x + out
         for cache in caches:
             cache.length += 1
-        return self.head.matmat(_rms_norm(x, self.norm, self.eps))
+        h = _rms_norm(x, self.norm, self.eps)
+        logits = self.head.matmat(h)
+        self._update(logits, h, (-1, "head"), groups)
+        return logits
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int], cache: KVCache, logits: bool = True) -> np.ndarray | None:
+    def _forward(self, ids: list[int], cache: KVCache, logits: bool = True,
+                 updates: LowRankUpdates | None = None) -> np.ndarray | None:
         start, count = cache.length, len(ids)
+        groups = [(slice(None), updates)] if updates is not None else []
         if start + count > self.max_positions:
             raise ValueError(f"{start + count} positions > the model's {self.max_positions}")
         # cos/sin by torch, as transformers computes them (numpy's cos may round differently)
@@ -353,7 +428,9 @@ class LeanLlama:
         x = self.embed.rows(ids)  # [T, hidden] fp32
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, self.eps)
-            qkv = _product(h, layer.qkv, self.scratch).reshape(count, heads + 2 * kv_heads, self.head_dim).transpose(1, 0, 2)
+            qkv = _product(h, layer.qkv, self.scratch)
+            self._update(qkv, h, (index, "qkv"), groups)
+            qkv = qkv.reshape(count, heads + 2 * kv_heads, self.head_dim).transpose(1, 0, 2)
             qk = _rotate(qkv[:heads + kv_heads], cos, sin)  # q and k heads in one go
             q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
             keys_t, values = cache.extend(index, k, v)
@@ -363,13 +440,23 @@ class LeanLlama:
                 attended = self._attend_prompt(q, k, v)
             else:  # a later piece: to the positions before it, and causally to itself
                 attended = self._attend_piece(q, keys_t, values, start)
-            x = x + _product(attended, layer.o, self.scratch)
+            out = _product(attended, layer.o, self.scratch)
+            self._update(out, attended, (index, "o"), groups)
+            x = x + out
             h = _rms_norm(x, layer.post_norm, self.eps)
             gate_up = _product(h, layer.gate_up, self.scratch)
-            x = x + _product(_silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:], layer.down,
-                             self.scratch)
+            self._update(gate_up, h, (index, "gate_up"), groups)
+            act = _silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:]
+            out = _product(act, layer.down, self.scratch)
+            self._update(out, act, (index, "down"), groups)
+            x = x + out
         cache.length += count
-        return self.head.matvec(_rms_norm(x[-1:], self.norm, self.eps)[0]) if logits else None
+        if not logits:
+            return None
+        h = _rms_norm(x[-1:], self.norm, self.eps)
+        last = self.head.matvec(h[0])[None]
+        self._update(last, h, (-1, "head"), groups)
+        return last[0]
 
     def _attend_prompt(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
         """The prompt into an empty cache: q [heads, T, D], keys/values [kv_heads, T, D] -> [T, heads * D].

@@ -33,9 +33,9 @@ def unmergeable_reason(config: dict) -> str | None:
     return None
 
 
-def merge_lora(state: dict[str, torch.Tensor], adapter_dir: Path) -> int:
-    """Add the adapter's products into `state` (HF parameter names); each merged weight becomes
-    fp32, whatever the base's dtype. Returns how many were merged."""
+def lora_pairs(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module (HF name) -> (A [r, in], scaling * B [out, r]), both fp32: the adapter's update of
+    that module is their product. For an adapter unmergeable_reason accepts."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -47,21 +47,31 @@ def merge_lora(state: dict[str, torch.Tensor], adapter_dir: Path) -> int:
         tensors = load_file(str(path))
     except (OSError, SafetensorError) as err:
         raise AdapterError(f"{path}: cannot read the adapter weights: {err}") from None
-
-    merged = 0
+    pairs = {}
     for key in sorted(tensors):
         if key.endswith(".lora_B.weight"):
             continue
         if not key.endswith(".lora_A.weight") or not key.startswith(PEFT_PREFIX):
             raise AdapterError(f"{path}: unexpected tensor {key} (only LoRA A/B pairs on Linear layers are served)")
         module = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
-        down, up = tensors[key], tensors.get(key.replace(".lora_A.", ".lora_B."))
-        target = state.get(module + ".weight")
-        if up is None or target is None or target.shape != (up.shape[0], down.shape[1]):
-            raise AdapterError(f"{path}: {module} does not fit the base model (wrong base for this adapter?)")
-        # in fp32: rounding W + scaling * B @ A back to a bf16 base would lose most of the adapter
-        state[module + ".weight"] = target.float() + scaling * (up.float() @ down.float())
-        merged += 1
-    if not merged:
+        up = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if up is None:
+            raise AdapterError(f"{path}: {module} has no lora_B")
+        pairs[module] = (tensors[key].float(), scaling * up.float())
+    if not pairs:
         raise AdapterError(f"{path}: holds no LoRA weights")
-    return merged
+    return pairs
+
+
+def merge_lora(state: dict[str, torch.Tensor], adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Add the adapter's products into `state` (HF parameter names); each merged weight becomes
+    fp32, whatever the base's dtype. Returns the pairs merged (lora_pairs)."""
+    pairs = lora_pairs(adapter_dir)
+    for module, (down, up) in pairs.items():
+        target = state.get(module + ".weight")
+        if target is None or target.shape != (up.shape[0], down.shape[1]):
+            raise AdapterError(f"{Path(adapter_dir) / ADAPTER_WEIGHTS}: {module} does not fit the base model "
+                               f"(wrong base for this adapter?)")
+        # in fp32: rounding W + scaling * B @ A back to a bf16 base would lose most of the adapter
+        state[module + ".weight"] = target.float() + up @ down
+    return pairs
