@@ -2,6 +2,7 @@
 
     python scripts/bench_serve.py                                   # embedded SmolLM2, 1-16 clients
     python scripts/bench_serve.py --concurrency 1,8 --requests 2 --max_new_tokens 32
+    python scripts/bench_serve.py --concurrency 16 --adapters 1,4,16   # 16 clients, adapters mixed
 
 The server is started as `make serve` starts it (tests/cog_server.py: scripts/serve.py's command
 and environment, 16 slots). For each concurrency C, C clients each send `--requests` streamed
@@ -9,7 +10,10 @@ predictions one after another (Accept: text/event-stream), with prompts of mixed
 from ../shared/data's Alpaca sample (seed 0), greedy, `--max_new_tokens` at most. Reported per C:
 aggregate output tokens/s (the server's own output_token_count over the wall time of the round),
 time to first chunk (p50/p99 over requests) and the gap between chunks (p50/p99), and aggregate
-tokens/s relative to one client.
+tokens/s relative to one client. With --adapters K,...: the same at each concurrency with every
+request naming one of K distinct adapters (lora_weights, round robin; random rank-8 LoRAs of
+q_proj and v_proj made for the run and served from $ALPACA_TUNE_ADAPTER_DIR), and the aggregate
+relative to one adapter.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,14 +47,48 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-def one_round(server: CogServer, clients: int, requests: int, pool: list[dict], max_new_tokens: int) -> dict:
+def make_adapters(base: Path, count: int, directory: Path) -> list[str]:
+    """`count` distinct random LoRA archives for `base` (rank 8 on q_proj and v_proj), as train.py
+    lays them out; their names."""
+    import tarfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from alpaca_tune.base_model import weight_shapes
+
+    shapes = weight_shapes(base)
+    names = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(index)
+        tensors = {}
+        for name, shape in shapes.items():
+            if name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight")):
+                module = "base_model.model." + name.removesuffix(".weight")
+                tensors[module + ".lora_A.weight"] = torch.randn(8, shape[1], generator=generator) * 0.02
+                tensors[module + ".lora_B.weight"] = torch.randn(shape[0], 8, generator=generator) * 0.02
+        adapter = directory / f"adapter-{index}"
+        adapter.mkdir(parents=True)
+        save_file(tensors, str(adapter / "adapter_model.safetensors"))
+        (adapter / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}))
+        with tarfile.open(directory / f"adapter-{index}.tar.gz", "w:gz") as tar:
+            tar.add(adapter, arcname="adapter")
+        names.append(f"adapter-{index}.tar.gz")
+    return names
+
+
+def one_round(server: CogServer, clients: int, requests: int, pool: list[dict], max_new_tokens: int,
+              adapters: list[str] | None = None) -> dict:
     firsts, gaps, tokens, failures = [], [], [], []
     lock = threading.Lock()
 
     def client(number: int) -> None:
         for request in range(requests):
-            body = {"input": {**pool[(number * requests + request) % len(pool)], "max_new_tokens": max_new_tokens,
-                              "temperature": 0.0}}
+            index = number * requests + request
+            body = {"input": {**pool[index % len(pool)], "max_new_tokens": max_new_tokens, "temperature": 0.0}}
+            if adapters:
+                body["input"]["lora_weights"] = adapters[index % len(adapters)]
             started, last, final = time.monotonic(), None, None
             mine_first, mine_gaps = None, []
             for event, data, at in server.events("/predictions", body):
@@ -85,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--base_model", default="", help="base model directory (default: the embedded SmolLM2)")
+    parser.add_argument("--adapters", default="", help="comma-separated numbers of distinct per-request adapters "
+                                                      "to mix (e.g. 1,4,16); default: none")
     args = parser.parse_args(argv)
     from alpaca_tune import device
     from alpaca_tune.base_model import resolve_base_dir
@@ -95,17 +136,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {device.describe_line()}")
     print(f"base {base.name}, {len(pool)} prompts from {SAMPLE.name} (seed 0), greedy, max_new_tokens "
           f"{args.max_new_tokens}, {args.requests} request(s) per client")
-    with CogServer("predict", env={"ALPACA_TUNE_BASE": str(base)}) as server:
-        server.wait_ready()
-        one_round(server, 1, 1, pool, 8)  # warm-up
-        rows = [one_round(server, clients, args.requests, pool, args.max_new_tokens) for clients in levels]
-    single = rows[0]["tokens_per_s"] if rows and rows[0]["clients"] == 1 else None
-    print(f"{'clients':>7} {'requests':>8} {'failed':>6} {'tokens':>7} {'tokens/s':>9} {'vs 1':>6} "
-          f"{'TTFT p50':>9} {'p99':>7} {'gap p50':>8} {'p99':>7}")
-    for row in rows:
-        ratio = f"{row['tokens_per_s'] / single:5.2f}x" if single else "     -"
-        print(f"{row['clients']:7d} {row['requests']:8d} {row['failed']:6d} {row['tokens']:7d} "
-              f"{row['tokens_per_s']:9.1f} {ratio} {row['ttft_p50'] * 1000:7.0f}ms {row['ttft_p99'] * 1000:5.0f}ms "
+    counts = [int(part) for part in args.adapters.split(",")] if args.adapters else []
+    with tempfile.TemporaryDirectory(prefix="bench-serve-adapters-") as adapter_dir:
+        names = make_adapters(base, max(counts), Path(adapter_dir)) if counts else []
+        env = {"ALPACA_TUNE_BASE": str(base), "ALPACA_TUNE_ADAPTER_DIR": adapter_dir}
+        with CogServer("predict", env=env) as server:
+            server.wait_ready()
+            one_round(server, 1, 1, pool, 8, names[:1])  # warm-up
+            if counts:
+                rows = [(f"{clients}x{count}", one_round(server, clients, args.requests, pool, args.max_new_tokens,
+                                                         names[:count]))
+                        for clients in levels for count in counts]
+            else:
+                rows = [(str(clients), one_round(server, clients, args.requests, pool, args.max_new_tokens))
+                        for clients in levels]
+    reference = rows[0][1]["tokens_per_s"] if rows else None
+    print(f"{'clients' + ('x adapters' if counts else ''):>18} {'requests':>8} {'failed':>6} {'tokens':>7} "
+          f"{'tokens/s':>9} {'vs first':>8} {'TTFT p50':>9} {'p99':>7} {'gap p50':>8} {'p99':>7}")
+    for name, row in rows:
+        print(f"{name:>18} {row['requests']:8d} {row['failed']:6d} {row['tokens']:7d} {row['tokens_per_s']:9.1f} "
+              f"{row['tokens_per_s'] / reference:7.2f}x {row['ttft_p50'] * 1000:7.0f}ms {row['ttft_p99'] * 1000:5.0f}ms "
               f"{row['gap_p50'] * 1000:6.1f}ms {row['gap_p99'] * 1000:5.1f}ms")
 
 
