@@ -10,6 +10,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from cog import AsyncConcatenateIterator, BasePredictor, concurrent, streaming
 
@@ -33,6 +34,8 @@ class Predictor(BasePredictor):
         setup_logging()
         self.model = InstructModel.load(weights)
         self.scheduler = self.model.batching(CONCURRENCY)
+        # threads that wait for the scheduler, one per slot (asyncio's default pool has min(32, cores + 4))
+        self.waits = ThreadPoolExecutor(CONCURRENCY + 1, thread_name_prefix="predict-wait")
 
     # @streaming: `cog build` (and scripts/cog_schema.py) then mark POST /predictions with
     # x-cog-streaming, so the server answers `Accept: text/event-stream` with chunks as they come.
@@ -58,9 +61,18 @@ class Predictor(BasePredictor):
     ) -> AsyncConcatenateIterator[str]:
         inputs = filled_in(locals())
         del inputs["self"]
+        loop = asyncio.get_running_loop()
         # bad input fails here, before the request is queued; off the event loop, since a new
         # lora_weights is downloaded and unpacked here
-        stream = await asyncio.to_thread(self.model.submit, self.scheduler, GenerateSettings(**inputs))
+        stream = await loop.run_in_executor(self.waits, self.model.submit, self.scheduler, GenerateSettings(**inputs))
+        try:
+            # Until its first chunk (in the queue, or its prompt being read) a cancel reaches this
+            # coroutine and takes the request out at once; once the answer streams from the
+            # returned iterator coglet delivers none (docs/SERVING.md).
+            await loop.run_in_executor(self.waits, stream.first)
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
         return self._relay(stream, self.scope)
 
     @staticmethod

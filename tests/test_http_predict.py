@@ -360,3 +360,23 @@ def test_lora_weights_chooses_the_adapter_per_request(server, base_server, weigh
     for spec in (str(tmp_path / "adapter.tar.gz"), str(tmp_path / "missing.tar.gz"), "/etc/passwd"):
         failed = predict(base_server, prompt="Hi", lora_weights=spec)
         assert failed["status"] == "failed" and failed["error"].endswith(REFUSED), failed
+
+
+def test_a_request_cancelled_while_it_waits_leaves_at_once(long_base):
+    """A request waiting for room (here: the KV budget holds one LONG request) is still inside the
+    coroutine coglet cancels: it ends "canceled" at once, while the one before it still runs."""
+    env = {**tiny_env(long_base), "COG_MAX_CONCURRENCY": "4", "ALPACA_TUNE_KV_BUDGET_TOKENS": "4000"}
+    with CogServer("predict", env=env) as small:
+        small.wait_ready()
+        code, body = small.put("/predictions/first", {"input": LONG}, headers={"Prefer": "respond-async"})
+        assert code == 202, body
+        result = {}
+        waiting = threading.Thread(target=lambda: result.update(answer=small.put("/predictions/waiting",
+                                                                                 {"input": LONG})))
+        waiting.start()
+        time.sleep(0.5)  # queued behind the first: 2 x 3026 positions do not fit 4000
+        assert small.post("/predictions/waiting/cancel")[0] == 200
+        waiting.join(30)
+        code, body = result["answer"]
+        assert code == 200 and body["status"] == "canceled", body
+        assert small.post("/predictions/first/cancel")[0] == 200  # the first is still running

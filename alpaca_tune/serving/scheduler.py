@@ -49,6 +49,7 @@ class Stream:
 
     def __init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._head: list = []  # an item first() took and __iter__ still owes
         self.cancelled = threading.Event()
         # metrics, filled in by the scheduler
         self.input_tokens = 0
@@ -63,8 +64,17 @@ class Stream:
     def _put(self, item) -> None:
         self._queue.put(item)
 
+    def first(self) -> bool:
+        """Wait for the answer's first chunk (or its end, or its error, raised here); False when
+        the answer is empty. The chunk is still the first that iterating gives."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self._head.append(item)
+        return item is not _END
+
     def __iter__(self):
-        while (item := self._queue.get()) is not _END:
+        while (item := self._head.pop() if self._head else self._queue.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
             yield item
