@@ -31,7 +31,7 @@ def test_bench_serve_drives_the_real_server_at_each_concurrency(tiny_model_dir):
                      "--requests", "2", "--max_new_tokens", "6")
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [(row[0], row[1], row[2]) for row in rows] == [("1", "2", "0"), ("3", "6", "0")]  # clients, requests, failed
-    assert all(int(row[3]) > 0 for row in rows)  # tokens the server counted
+    assert all(int(row[4]) > 0 for row in rows)  # tokens the server counted
     out = run_script("scripts/bench_serve.py", "--base_model", str(tiny_model_dir), "--concurrency", "3",
                      "--requests", "2", "--max_new_tokens", "6", "--adapters", "1,3")
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
