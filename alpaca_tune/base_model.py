@@ -109,11 +109,11 @@ def weight_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
 
 def load_causal_lm(base_dir: Path, device, dtype, quantization_config=None):
     """The transformers model in `base_dir` (a resolved directory) on `device` in `dtype`,
-    quantized by bitsandbytes when `quantization_config` is given; SDPA attention."""
+    quantized by bitsandbytes when `quantization_config` is given; SDPA attention. Callers read
+    weight_shapes first, which names a truncated or damaged weights file."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    weight_shapes(base_dir)  # a truncated or damaged weights file is named, not a traceback
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(base_dir), dtype=dtype, attn_implementation="sdpa", quantization_config=quantization_config,

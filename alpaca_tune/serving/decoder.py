@@ -6,9 +6,10 @@ transformers_decoder.py's TransformersDecoder (GPU, other architectures, unmerge
     device           where the sampling generator and the token sequence live
     context_length   positions the model reads at most (a prompt must leave room for one more)
     eos_ids          the ids its configs say end generation (the tokenizer's EOS is added to them)
-    feeder(capacity) a context manager giving feed(ids) -> fp32 logits [vocab] after those ids,
+    feeder(capacity, adapter=None)
+                     a context manager giving feed(ids) -> fp32 logits [vocab] after those ids,
                      over a fresh KV cache of `capacity` positions: the prompt first, then one
-                     id at a time
+                     id at a time; `adapter`: a request's own (LeanLlama.low_rank_updates)
 
 The batch scheduler (scheduler.py) also uses, where a decoder has them:
     prefill_chunk            the most prompt positions to feed at once (else the whole prompt)
@@ -36,7 +37,12 @@ class Decoder(Protocol):
     @property
     def eos_ids(self) -> frozenset[int]: ...
 
-    def feeder(self, capacity: int) -> contextlib.AbstractContextManager[Feed]: ...
+    def feeder(self, capacity: int, adapter=None) -> contextlib.AbstractContextManager[Feed]: ...
+
+
+def stop_ids(decoder: Decoder, tokenizer) -> frozenset[int]:
+    """The ids that end an answer: the decoder's configs' EOS ids and the tokenizer's."""
+    return decoder.eos_ids | ({tokenizer.eos_token_id} - {None})
 
 
 def eos_ids_in(*configs) -> frozenset[int]:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import UserError
-from .decoder import Decoder
+from .decoder import Decoder, stop_ids
 from .sampling import SamplingParams, next_token, process_scores
 
 
@@ -70,7 +70,7 @@ def generate_token_ids(decoder: Decoder, prompt_ids: list[int], params: Sampling
     started = time.monotonic()
     picker = TokenPicker(prompt_ids, params, eos_ids, decoder.device)
     capacity = len(prompt_ids) + params.max_new_tokens
-    with (decoder.feeder(capacity, adapter) if adapter is not None else decoder.feeder(capacity)) as feed:
+    with decoder.feeder(capacity, adapter) as feed:
         logits = feed(prompt_ids)
         while not picker.full:
             if time_limit_s is not None and time.monotonic() - started > time_limit_s:
@@ -136,7 +136,7 @@ class TextAssembler:
 def stream_text(decoder: Decoder, tokenizer, prompt_ids: list[int], params: SamplingParams,
                 stop_sequences: list[str], time_limit_s: float | None = None, adapter=None) -> Iterator[str]:
     """Response text in chunks as tokens arrive; never the prompt, never a stop sequence."""
-    eos_ids = decoder.eos_ids | ({tokenizer.eos_token_id} - {None})
+    eos_ids = stop_ids(decoder, tokenizer)
     text = TextAssembler(tokenizer, stop_sequences)
     for token in generate_token_ids(decoder, prompt_ids, params, eos_ids, time_limit_s, adapter):
         chunk = text.add(token)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from .decoder import Decoder
+from .decoder import Decoder, stop_ids
 from .generation import TextAssembler, TokenPicker, time_limit_error
 from .sampling import SamplingParams
 
@@ -100,14 +100,13 @@ class Scheduler:
                  time_limit_s: float | None = None):
         self.decoder, self.tokenizer = decoder, tokenizer
         self.max_batch, self.kv_budget_tokens, self.time_limit_s = max_batch, kv_budget_tokens, time_limit_s
-        self.eos_ids = decoder.eos_ids | ({tokenizer.eos_token_id} - {None})
+        self.eos_ids = stop_ids(decoder, tokenizer)
         self.prefill_chunk = getattr(decoder, "prefill_chunk", None)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
         self._reserved = 0
         self._wake = threading.Condition()
         self._closing = False
-        self.steps = 0
         self._thread = threading.Thread(target=self._run, name="alpaca-tune-scheduler", daemon=True)
         self._thread.start()
 
@@ -169,7 +168,6 @@ class Scheduler:
             elif self.time_limit_s is not None and now - request.submitted > self.time_limit_s:
                 self._end(request, time_limit_error(self.time_limit_s, request.picker.generated))
         self._admit(now)
-        self.steps += 1
         prefilling = next((r for r in self._running if r.fed < len(r.prompt_ids)), None)
         if prefilling is not None:
             self._prefill(prefilling)
@@ -195,9 +193,7 @@ class Scheduler:
                 self._reserved += request.capacity
                 self._running.append(request)
                 request.stream.queue_time = now - request.submitted
-                feeder = self.decoder.feeder(request.capacity, request.adapter) if request.adapter is not None \
-                    else self.decoder.feeder(request.capacity)
-                request.feed = request.exits.enter_context(feeder)
+                request.feed = request.exits.enter_context(self.decoder.feeder(request.capacity, request.adapter))
 
     def _prefill(self, request: _Request) -> None:
         end = len(request.prompt_ids) if self.prefill_chunk is None else \

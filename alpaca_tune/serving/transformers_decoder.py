@@ -71,9 +71,11 @@ class TransformersDecoder:
         return eos_ids_in(getattr(self.model, "generation_config", None), self.model.config)
 
     @contextlib.contextmanager
-    def feeder(self, capacity: int):
+    def feeder(self, capacity: int, adapter=None):
         from .cuda_graph import graphs_possible, kept_feeder
 
+        if adapter is not None:  # InstructModel.request refuses lora_weights here before it gets this far
+            raise ValueError("a request's own adapter is applied on the lean CPU path only")
         if self.cuda_graphs and graphs_possible(self.model):
             with kept_feeder(self.model, capacity, self.compile_step) as feed:
                 yield feed

@@ -77,9 +77,9 @@ def unpack(archive: Path, target: Path, label: str | None = None, limits: Limits
     try:
         with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
             _extract(tar, raw, target, label, limits or Limits.from_env())
+    except WeightsError:
+        raise
     except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as err:
-        if isinstance(err, UserError):
-            raise
         raise WeightsError(f"{label}: not a readable adapter archive (.tar.gz): {err}") from None
     return find_adapter_root(target, label)
 
@@ -122,9 +122,9 @@ def _download(url: str, target: Path, label: str, limits: Limits) -> Path:
                     raise WeightsError(f"{label}: larger than {limits.max_unpacked_bytes:,} bytes "
                                        f"($ALPACA_TUNE_MAX_UNPACKED_BYTES); refused")
                 out.write(chunk)
+    except WeightsError:
+        raise
     except (OSError, ValueError) as err:
-        if isinstance(err, UserError):
-            raise
         raise WeightsError(f"{label}: download failed: {err}") from None
     return target
 

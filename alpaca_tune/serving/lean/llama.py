@@ -202,6 +202,7 @@ class LeanLlama:
         self.intermediate = config["intermediate_size"]
         self.max_positions = config.get("max_position_embeddings", 4096)
         self.inv_freq = inverse_frequencies(config, self.head_dim)
+        self.merged: dict = {}  # the adapter load() merged, as lora_pairs: a request's own takes it off
 
         def take(name: str) -> torch.Tensor:
             try:
@@ -249,7 +250,7 @@ class LeanLlama:
         has_generation_config = (Path(base_dir) / "generation_config.json").exists()
         generation_config = read_config(base_dir, "generation_config.json") if has_generation_config else None
         model = cls(config, state, generation_config)
-        model.merged = merged  # kept: a request with an adapter of its own takes this one off again
+        model.merged = merged
         # numba's first call costs ~0.2 s (loading its cached machine code): paid here, not by the
         # first token. (Not in a thread while the weights load: no start-up gain measured, and
         # coglet then lost the setup's later log lines.)
@@ -289,7 +290,7 @@ class LeanLlama:
                   "up_proj": ("gate_up", self.intermediate, 2 * self.intermediate), "down_proj": ("down", 0, self.hidden)}
         by_product: dict = {}
         nbytes = 0
-        for sign, source in ((1.0, pairs), (-1.0, getattr(self, "merged", {}))):
+        for sign, source in ((1.0, pairs), (-1.0, self.merged)):
             for module, (down, up) in source.items():
                 parts = module.split(".")
                 if module == "lm_head":
