@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install weights demo test test-fast serve serve-train clean
 
-$(STAMP): requirements.txt requirements-nodeps.txt
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-llamacpp.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet --no-deps -r requirements-llamacpp.txt
 	touch $(STAMP)
 
 install: $(STAMP)

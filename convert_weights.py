@@ -8,25 +8,16 @@ See docs/CONVERT.md for the folder layout, output, time and memory per model siz
 """
 
 import argparse
-import re
 import resource
 import sys
 import time
 
+from alpaca_tune.cli import parse_size
 from alpaca_tune.conversion import ConversionError
 from alpaca_tune.conversion.convert import convert_checkpoint
 from alpaca_tune.conversion.params import VERSIONS
 
 DTYPES = ("float32", "float16", "bfloat16")
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a plain number of bytes."""
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([A-Za-z]*)", text.strip())
-    if not match or match.group(2).upper() not in UNITS or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 5GB, 500MB or 1000000")
-    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ what the user gave (the archive, directory or URL) and the file, field or tensor
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,17 +54,30 @@ def read_adapter_config(adapter_dir: Path, label: str | None = None) -> dict:
     return config
 
 
-def rank_of(module: str, config: dict) -> int:
-    """The module's rank: the first rank_pattern entry that matches its name (as PEFT matches
-    them: the whole name or its dotted tail), else `r`."""
-    for pattern, rank in (config.get("rank_pattern") or {}).items():
+def _pattern_value(module: str, patterns: dict | None, default):
+    """The first entry of a PEFT rank/alpha pattern that matches the module's name (as PEFT
+    matches them: the whole name or its dotted tail), else `default`."""
+    for pattern, value in (patterns or {}).items():
         try:
             if re.fullmatch(rf"(.*\.)?{pattern}", module):
-                return int(rank)
+                return value
         except re.error:
             if module == pattern or module.endswith("." + pattern):
-                return int(rank)
-    return config["r"]
+                return value
+    return default
+
+
+def rank_of(module: str, config: dict) -> int:
+    """The module's rank: its rank_pattern entry, else `r`."""
+    return int(_pattern_value(module, config.get("rank_pattern"), config["r"]))
+
+
+def scaling_of(module: str, config: dict) -> float:
+    """What PEFT multiplies the module's B @ A by: alpha / r, or alpha / sqrt(r) with rslora
+    (alpha and r from alpha_pattern / rank_pattern where they name the module)."""
+    alpha = float(_pattern_value(module, config.get("alpha_pattern"), config["lora_alpha"]))
+    rank = rank_of(module, config)
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
 def _expected_shape(suffix: str, base: tuple[int, ...], rank: int) -> tuple[int, ...] | None:
@@ -98,7 +112,7 @@ def check_adapter(adapter_dir: Path, base_shapes: Mapping[str, tuple[int, ...]],
         with safe_open(str(path), framework="pt") as tensors:
             keys = list(tensors.keys())
             for key in keys:
-                module, suffix = _split(key)
+                module, suffix = split_key(key)
                 if module is None:
                     raise AdapterError(f"{where}: tensor {key!r} is not a tensor PEFT would save "
                                        f"(base_model.model.<module>.lora_A.weight, ...)")
@@ -130,7 +144,7 @@ def check_adapter(adapter_dir: Path, base_shapes: Mapping[str, tuple[int, ...]],
     return config
 
 
-def _split(key: str) -> tuple[str | None, str]:
+def split_key(key: str) -> tuple[str | None, str]:
     """'base_model.model.X.lora_A.weight' -> ('X', '.lora_A.weight'); a whole parameter
     ('base_model.model.X.base_layer.bias', '...lm_head.weight') -> ('X.bias', ''); (None, '') for
     keys outside the model."""

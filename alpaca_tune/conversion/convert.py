@@ -180,6 +180,8 @@ def convert_checkpoint(
         _write_weights(writer, ckpt, dtype, progress)
         writer.close()
         write_configs(staging, params, ckpt.version, ckpt.vocab, ckpt.tied, plan[0][2], ckpt.tokenizer)
+        if ckpt.tokenizer.kind == tok.SENTENCEPIECE:  # as HF's LLaMA 2 repositories ship it; export reads it
+            shutil.copyfile(ckpt.tokenizer_path, staging / "tokenizer.model")
         _install(staging, output_dir, old_files)
     except BaseException:  # Ctrl-C too: never leave a half-written model behind
         writer.abort()

@@ -249,7 +249,7 @@ def test_output_folder_readme_kept_and_existing_model_needs_force_and_leftovers_
     run(model_dir, out, llama_version="2", force=True)  # one file now: the old shards must go
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-        "tokenizer_config.json",
+        "tokenizer.model", "tokenizer_config.json",  # LLaMA 2's SentencePiece file copied, as HF's repos ship it
     ]
 
 

@@ -8,12 +8,11 @@ through PEFT instead. The adapter has been checked against the base (adapter_che
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from ...adapter_check import PEFT_PREFIX, AdapterError, read_adapter_config
+from ...adapter_check import PEFT_PREFIX, AdapterError, read_adapter_config, scaling_of
 from ...adapter_files import ADAPTER_WEIGHTS
 
 
@@ -40,8 +39,6 @@ def lora_pairs(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]
     from safetensors.torch import load_file
 
     config = read_adapter_config(adapter_dir)  # checked: a positive integer r and a lora_alpha
-    rank, alpha = config["r"], config["lora_alpha"]
-    scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(path))
@@ -57,7 +54,7 @@ def lora_pairs(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]
         up = tensors.get(key.replace(".lora_A.", ".lora_B."))
         if up is None:
             raise AdapterError(f"{path}: {module} has no lora_B")
-        pairs[module] = (tensors[key].float(), scaling * up.float())
+        pairs[module] = (tensors[key].float(), scaling_of(module, config) * up.float())
     if not pairs:
         raise AdapterError(f"{path}: holds no LoRA weights")
     return pairs
