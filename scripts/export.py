@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--base_model", default="", help="base model folder (default: weights/ or the embedded one)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="hf/meta: dtype of the weights (default: the base's)")
-    parser.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+    parser.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                         help="gguf/ollama: tensor type (default: %(default)s; norms stay f32)")
     parser.add_argument("--shards", type=int, default=1, help="meta: model-parallel shards (default: %(default)s)")
     parser.add_argument("--shard-size", type=parse_size, default="5GB",

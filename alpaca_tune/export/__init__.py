@@ -2,7 +2,7 @@
 
     hf          merged model as Hugging Face safetensors (transformers, vLLM, weights/, train.py)
     meta        consolidated.NN.pth + params.json, Meta's layout (convert_weights.py reads it back)
-    gguf        a llama GGUF for llama.cpp and Ollama, f32/f16/bf16/q8_0/q4_0
+    gguf        a llama GGUF for llama.cpp and Ollama, f32/f16/bf16/q8_0
     gguf-lora   the adapter alone as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER)
     ollama      a Modelfile beside a GGUF (and the GGUF LoRA when there is an adapter)
 
