@@ -14,7 +14,9 @@ from cog import BaseModel, Input, Path  # noqa: F401  (Input: used through cog_i
 
 from alpaca_tune.cli import run_or_exit, setup_logging
 from alpaca_tune.settings import SettingsError, TrainSettings, parse_args
+from alpaca_tune.training.adapter import pack
 from alpaca_tune.training.loop import run_training
+from alpaca_tune.training.outputs import TrainResult
 from cog_inputs import cog_input, filled_in
 
 T = TrainSettings
@@ -53,6 +55,7 @@ def train(
     eval_steps: int = cog_input(T, "eval_steps"),
     save_steps: int = cog_input(T, "save_steps"),
     seed: int = cog_input(T, "seed"),
+    export_formats: str = cog_input(T, "export_formats"),
 ) -> TrainingOutput:
     inputs = filled_in(locals())
     if isinstance(train_data, str):
@@ -64,17 +67,28 @@ def train(
     setup_logging()
     output_dir = tempfile.mkdtemp(prefix="train-")  # Cog uploads the archive from here when we return
     try:
-        result = run_training(TrainSettings(**inputs, output_dir=output_dir))
+        result = train_and_export(TrainSettings(**inputs, output_dir=output_dir))
     except BaseException:
         shutil.rmtree(output_dir, ignore_errors=True)  # a failed run leaves nothing behind
         raise
     return TrainingOutput(weights=Path(result.archive))
 
 
+def train_and_export(settings: TrainSettings) -> TrainResult:
+    """The run, then its export_formats (scripts/export.py's formats) packed into its archive."""
+    result = run_training(settings)
+    if settings.export_formats.strip():
+        from alpaca_tune.export.run import export_run
+
+        export_run(result.output_dir, settings.export_formats, settings.base_model)
+        result.archive = pack(result.output_dir)
+    return result
+
+
 def main(argv=None) -> None:
     settings = parse_args(TrainSettings, argv, "Fine-tune a LoRA adapter on Alpaca-format data.")
     setup_logging()
-    result = run_or_exit(run_training, settings)
+    result = run_or_exit(train_and_export, settings)
     print(f"adapter archive: {result.archive}")
 
 

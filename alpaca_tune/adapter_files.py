@@ -6,6 +6,7 @@
       training_config.json             the resolved settings, base model, prompt template, what ran
       metrics.json                     loss per step, eval loss, tokens/s, wall time
       loss.png                         the loss curve
+      export/<format>/                 with export_formats: the run exported (scripts/export.py)
 """
 
 ARCHIVE_NAME = "adapter.tar.gz"
@@ -15,3 +16,4 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONFIG_FILE = "training_config.json"
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "loss.png"
+EXPORT_SUBDIR = "export"

@@ -21,13 +21,19 @@ class SettingsError(UserError):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, ge=None, le=None, choices=None,
-           min_length=None, cog: bool = True):
+           min_length=None, cog: bool = True, separated_choices=None):
     """A dataclass field with the metadata the Cog Inputs and the CLI are built from.
 
-    cog=False marks a local-only setting (e.g. an output directory) that has no Cog Input.
+    cog=False marks a local-only setting (e.g. an output directory) that has no Cog Input;
+    separated_choices: a comma-separated list whose every item must be one of these.
     """
-    meta = {"help": help, "ge": ge, "le": le, "choices": choices, "min_length": min_length, "cog": cog}
+    meta = {"help": help, "ge": ge, "le": le, "choices": choices, "min_length": min_length, "cog": cog,
+            "separated_choices": separated_choices}
     return field(default=default, metadata=meta)
+
+
+# what scripts/export.py writes (alpaca_tune/export/); train.py's export_formats picks among them
+EXPORT_FORMATS = ("hf", "meta", "gguf", "gguf-lora", "ollama")
 
 
 @dataclass
@@ -85,6 +91,10 @@ class TrainSettings:
                              ge=0, le=1_000_000)
     seed: int = option(42, "Random seed: data split, shuffling, LoRA init and dropout.", ge=0,
                        le=2**31 - 1)
+    export_formats: str = option("", "Comma-separated formats exported into the archive's export/ folder after "
+                                     "training, e.g. 'gguf-lora,hf' (hf, meta, gguf, gguf-lora, ollama; as "
+                                     "scripts/export.py writes them, gguf in f16). Empty: none.",
+                                 separated_choices=EXPORT_FORMATS)
     # Local-only settings: Cog runs put outputs in a temp dir and the base in weights/.
     output_dir: str = option("outputs/run", "Where the adapter archive, checkpoints, metrics and "
                                             "loss plot are written.", cog=False)
@@ -151,6 +161,11 @@ def validate(settings) -> None:
                                 f"Unicode text; send the text as UTF-8")
         if meta.get("choices") and value not in meta["choices"]:
             raise SettingsError(f"{f.name}={value!r}: must be one of {', '.join(map(str, meta['choices']))}")
+        if meta.get("separated_choices"):
+            if unknown := [item for item in value.split(",") if item.strip() not in meta["separated_choices"]
+                           and item.strip()]:
+                raise SettingsError(f"{f.name}={value!r}: {', '.join(u.strip() for u in unknown)} unknown; each "
+                                    f"must be one of {', '.join(meta['separated_choices'])}")
 
 
 def _is_unicode(text: str) -> bool:

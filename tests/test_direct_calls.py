@@ -63,3 +63,35 @@ def test_train_with_bad_data_raises_a_clear_error_and_leaves_nothing(tiny_base):
     with pytest.raises(DataError, match=r"record 0: field 'output' is empty"):
         train.train(train_data=Path(data))
     assert list((tiny_base / "tmp").iterdir()) == []
+
+
+def test_train_with_export_formats_returns_the_exports_in_its_archive(tiny_base):
+    """export_formats: the archive holds export/<format>/ beside the adapter; the GGUF LoRA and
+    the merged model in it are the trained adapter's."""
+    import tarfile
+
+    import train
+    from alpaca_tune.settings import SettingsError
+
+    data = tiny_base / "data.json"
+    data.write_text(json.dumps(TINY_RECORDS))
+    with pytest.raises(SettingsError, match="export_formats='gguf-lora,onnx': onnx unknown"):
+        train.train(train_data=Path(data), max_steps=2, val_set_size=0, export_formats="gguf-lora,onnx")
+    assert list((tiny_base / "tmp").iterdir()) == []  # refused before anything ran
+
+    output = train.train(train_data=Path(data), max_steps=2, val_set_size=0, learning_rate=1e-2,
+                         export_formats="gguf-lora,hf")
+    with tarfile.open(output.weights) as tar:
+        names = set(tar.getnames())
+        tar.extractall(tiny_base / "unpacked", filter="data")
+    assert {"adapter/adapter_config.json", "export/gguf-lora/adapter.gguf", "export/hf/model.safetensors",
+            "export/hf/config.json", "export/hf/training_config.json"} <= names
+
+    import torch
+    from export_fixtures import load_peft_reference, logits
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(tiny_base / "unpacked" / "export" / "hf"), dtype=torch.float32)
+    reference = load_peft_reference(tiny_base / "unpacked" / "adapter")
+    ids = [1, 7, 42, 99]
+    assert abs(logits(merged, ids) - logits(reference, ids)).max() < 1e-5

@@ -11,8 +11,7 @@ the output only once it is complete (run.py).
 """
 
 from ..errors import UserError
-
-FORMATS = ("hf", "meta", "gguf", "gguf-lora", "ollama")
+from ..settings import EXPORT_FORMATS as FORMATS  # noqa: F401  (one list, also train.py's input)
 
 
 class ExportError(UserError):

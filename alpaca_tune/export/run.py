@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapter_files import EXPORT_SUBDIR
 from ..base_model import load_tokenizer
 from ..data.prompts import PromptTemplate, load_template, template_from_json
 from . import FORMATS, ExportError
@@ -109,10 +110,18 @@ def write_format(fmt: str, source: Source, out_dir: Path, options: ExportOptions
     return [path, out_dir / MODELFILE]
 
 
+def export_run(run_dir: Path, formats: str, base_model: str = "") -> list[Path]:
+    """train.py's export_formats: the run's adapter (run_dir/adapter, with its training_config.json)
+    in each format under run_dir/export/<format>/, which the archive then holds."""
+    return export(formats, Path(run_dir) / EXPORT_SUBDIR, str(run_dir), base_model,
+                  ExportOptions(progress=False), overwrite=True, subfolders=True)
+
+
 def export(formats: str | Sequence[str], output_dir: Path | str, weights: str | None = None, base_model: str = "",
            options: ExportOptions | None = None, overwrite: bool = False,
-           log_line: Callable[[str], None] | None = None) -> list[Path]:
-    """Write each format; returns the files written (in their final place)."""
+           log_line: Callable[[str], None] | None = None, subfolders: bool | None = None) -> list[Path]:
+    """Write each format (into a subfolder each when several, or with subfolders=True); returns the
+    files written (in their final place)."""
     options, output_dir, say = options or ExportOptions(), Path(output_dir), log_line or log.info
     formats = parse_formats(formats)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
@@ -128,7 +137,7 @@ def export(formats: str | Sequence[str], output_dir: Path | str, weights: str | 
         try:
             written = []
             for fmt in formats:
-                folder = staging / fmt if len(formats) > 1 else staging
+                folder = staging / fmt if (len(formats) > 1 if subfolders is None else subfolders) else staging
                 folder.mkdir(exist_ok=True)
                 files = write_format(fmt, source, folder, options)
                 say(f"{fmt}: " + ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.1f} MB)" for p in files))

@@ -17,6 +17,7 @@ from ..adapter_files import (
     ADAPTER_SUBDIR,
     ADAPTER_WEIGHTS,
     ARCHIVE_NAME,
+    EXPORT_SUBDIR,
     CONFIG_FILE,
     METRICS_FILE,
     PLOT_FILE,
@@ -97,7 +98,7 @@ def pack(output_dir: Path) -> Path:
     partial = output_dir / (ARCHIVE_NAME + ".partial")
     with tarfile.open(partial, "w:gz") as tar:
         tar.add(output_dir / ADAPTER_SUBDIR, arcname=ADAPTER_SUBDIR)
-        for name in (CONFIG_FILE, METRICS_FILE, PLOT_FILE):
+        for name in (CONFIG_FILE, METRICS_FILE, PLOT_FILE, EXPORT_SUBDIR):
             if (output_dir / name).exists():
                 tar.add(output_dir / name, arcname=name)
     partial.rename(archive)

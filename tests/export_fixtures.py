@@ -74,3 +74,13 @@ def greedy_llama_cpp(llm, ids: list[int], steps: int) -> list[int]:
 
 def nmse(ours: np.ndarray, reference: np.ndarray) -> float:
     return float(((ours - reference) ** 2).mean() / (reference ** 2).mean())
+
+
+def load_peft_reference(adapter_dir: Path):
+    """PEFT's own model of a saved adapter on its base (unmerged), in fp32."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
