@@ -73,3 +73,11 @@ def test_bench_shared_prefix_times_both_ways_of_the_same_steps(tiny_model_dir):
     assert "preambles shared in" in out and "token positions" in out
     last = out.strip().splitlines()[-1]
     assert last.startswith("tokens/s: whole rows") and last.endswith("x")
+
+
+@pytest.mark.slow
+def test_bench_export_reports_time_and_peak_memory_per_format():
+    out = run_script("scripts/bench_export.py", "--layers", "1", "--rank", "4", "--formats", "hf,gguf-lora")
+    assert "model: 1 layers of LLaMA-2-7B's shape, bf16" in out
+    lines = [line for line in out.splitlines() if line.startswith(("hf", "gguf-lora"))]
+    assert len(lines) == 2 and all("peak RSS" in line and "wrote" in line for line in lines)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapter_check import split_key, scaling_of
+from ..adapter_check import scaling_of, split_key
 from ..adapter_files import ADAPTER_WEIGHTS
 from . import ExportError
 from .source import Source

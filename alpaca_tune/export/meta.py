@@ -6,10 +6,11 @@ weight cut into --shards model-parallel slices the way fairscale owns them (colu
 rows, row-parallel columns, the embedding by model dim in LLaMA 1/2 and by vocabulary in 3.x,
 norms copied whole). convert_weights.py on the result gives back the merged HF model exactly.
 
-torch.save needs a shard's whole dict at once, and a 70B shard is ~17 GB; so each slice is first
-written as a raw file in the staging folder, and torch.save reads them memory-mapped
-(torch.from_file): what it holds are file pages the kernel can drop, not a shard's worth of
-allocated memory.
+torch.save needs a shard's whole dict at once, and a 70B shard is ~17 GB; so each .pth is first
+written by torch.save with the tensors' room left empty (torch.serialization.skip_data, made for
+this: "the storage bytes can then be populated in a separate pass"), and the merged slices are
+then written into that room one tensor at a time. (The zip's CRCs stay those of the empty room;
+torch.load does not read them.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import base64
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+import struct
 from pathlib import Path
 
 import torch
@@ -76,14 +77,6 @@ def meta_version(shape: LlamaShape) -> str:
     return "3" if shape.vocab == LLAMA3_VOCAB else "2"
 
 
-@dataclass
-class Slice:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    path: Path
-
-
 def meta_tensors(name: str, tensor: torch.Tensor, shape: LlamaShape, tied: bool):
     """HF parameter -> [(Meta name, full tensor, split dim)]; a tied head is written as output.weight
     too (every LLaMA but 3.2 has one, and convert_weights.py reads equal ones back as tied)."""
@@ -113,37 +106,61 @@ def check_shardable(shape: LlamaShape, shards: int) -> None:
 
 def write_meta(model: MergedModel, shape: LlamaShape, out_dir: Path, shards: int, progress: bool = True) -> list[Path]:
     check_shardable(shape, shards)
-    parts_dir = out_dir / ".parts"
-    parts_dir.mkdir()
-    slices: list[list[Slice]] = [[] for _ in range(shards)]
-    total = sum(_numel(model.shape(n)) * model.output_dtype(n).itemsize for n in model.names())
-    with progress_bar(total, "meta", progress) as bar:
-        for name, tensor in model.tensors():
-            bar.set_postfix_str(name.removeprefix("model."), refresh=False)
-            for meta_name, full, split in meta_tensors(name, tensor, shape, model.tied):
-                pieces = [full] * shards if split is None else torch.chunk(full, shards, dim=split)
-                for rank, piece in enumerate(pieces):
-                    path = parts_dir / f"{rank:02d}-{len(slices[rank]):05d}.bin"
-                    piece.contiguous().view(torch.uint8).numpy().tofile(path)
-                    slices[rank].append(Slice(meta_name, tuple(piece.shape), piece.dtype, path))
-            bar.update(tensor.numel() * tensor.element_size())
+    # the layout of every shard, from the shapes alone: (Meta name, slice shape, dtype) in order
+    layout: list[list[tuple[str, tuple, torch.dtype]]] = [[] for _ in range(shards)]
+    for name in model.names():
+        empty = torch.empty(model.shape(name), dtype=model.output_dtype(name), device="meta")
+        for meta_name, full, split in meta_tensors(name, empty, shape, model.tied):
+            pieces = [full] * shards if split is None else torch.chunk(full, shards, dim=split)
+            for rank, piece in enumerate(pieces):
+                layout[rank].append((meta_name, tuple(piece.shape), piece.dtype))
+    paths = [out_dir / f"consolidated.{rank:02d}.pth" for rank in range(shards)]
+    offsets = [_reserve(path, entries) for path, entries in zip(paths, layout)]
+    files = [open(path, "r+b") for path in paths]
+    try:
+        total = sum(_numel(model.shape(n)) * model.output_dtype(n).itemsize for n in model.names())
+        with progress_bar(total, "meta", progress) as bar:
+            for name, tensor in model.tensors():
+                bar.set_postfix_str(name.removeprefix("model."), refresh=False)
+                for meta_name, full, split in meta_tensors(name, tensor, shape, model.tied):
+                    pieces = [full] * shards if split is None else torch.chunk(full, shards, dim=split)
+                    for rank, piece in enumerate(pieces):
+                        offset, size = offsets[rank][meta_name]
+                        data = piece.contiguous().view(torch.uint8).numpy()
+                        if data.nbytes != size:
+                            raise AssertionError(f"{meta_name}: {data.nbytes} bytes, the file has room for {size}")
+                        files[rank].seek(offset)
+                        files[rank].write(data.data)
+                bar.update(tensor.numel() * tensor.element_size())
+    finally:
+        for handle in files:
+            handle.close()
     model.check_changed()
-    written = []
-    for rank, entries in enumerate(slices):
-        state = {s.name: torch.from_file(str(s.path), shared=False, size=_numel(s.shape), dtype=s.dtype).view(s.shape)
-                 for s in entries}
-        path = out_dir / f"consolidated.{rank:02d}.pth"
-        torch.save(state, path)
-        del state
-        for s in entries:
-            s.path.unlink()
-        written.append(path)
-    parts_dir.rmdir()
     (out_dir / "params.json").write_text(json.dumps(meta_params(shape), indent=2) + "\n")
-    written.append(out_dir / "params.json")
+    written = [*paths, out_dir / "params.json"]
     if tokenizer := write_tokenizer_model(model.source.base_dir, out_dir, shape):
         written.append(tokenizer)
     return written
+
+
+def _reserve(path: Path, entries: list[tuple[str, tuple, torch.dtype]]) -> dict[str, tuple[int, int]]:
+    """Write the .pth with every tensor's room left empty (torch.serialization.skip_data: no tensor
+    bytes are read, so the tensors can be unallocated placeholders); returns name -> (file offset of
+    its bytes, byte count). torch.save gives storages the keys 0, 1, ... in the dict's order, one
+    zip member archive/data/<key> each; the bytes follow that member's local header."""
+    import zipfile
+
+    with torch.serialization.skip_data():
+        torch.save({name: torch.empty(shape, dtype=dtype) for name, shape, dtype in entries}, path)
+    rooms = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        members = {info.filename.split("/", 1)[1]: info for info in archive.infolist()}
+        for key, (name, _, _) in enumerate(entries):
+            info = members[f"data/{key}"]
+            raw.seek(info.header_offset + 26)
+            name_length, extra_length = struct.unpack("<HH", raw.read(4))
+            rooms[name] = (info.header_offset + 30 + name_length + extra_length, info.file_size)
+    return rooms
 
 
 def _numel(shape) -> int:

@@ -17,8 +17,8 @@ from ..adapter_files import (
     ADAPTER_SUBDIR,
     ADAPTER_WEIGHTS,
     ARCHIVE_NAME,
-    EXPORT_SUBDIR,
     CONFIG_FILE,
+    EXPORT_SUBDIR,
     METRICS_FILE,
     PLOT_FILE,
 )
