@@ -2,10 +2,12 @@
 
     cog train -i train_data=@alpaca_data_cleaned.json -i lora_rank=16
     python train.py --train_data alpaca_data_cleaned.json --lora_rank 16      # same, without Docker
+    torchrun --nproc_per_node=2 train.py --train_data ...                      # one process per device
 
 Thin on purpose: Cog Inputs / command-line flags -> TrainSettings -> alpaca_tune.training.
 """
 
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -13,8 +15,9 @@ import tempfile
 from cog import BaseModel, Input, Path  # noqa: F401  (Input: used through cog_input)
 
 from alpaca_tune.cli import run_or_exit, setup_logging
-from alpaca_tune.settings import SettingsError, TrainSettings, parse_args
+from alpaca_tune.settings import SettingsError, TrainSettings, parse_args, to_args
 from alpaca_tune.training.adapter import pack
+from alpaca_tune.training.distributed import processes_wanted, relaunch_command
 from alpaca_tune.training.loop import run_training
 from alpaca_tune.training.outputs import TrainResult
 from cog_inputs import cog_input, filled_in
@@ -55,6 +58,7 @@ def train(
     eval_steps: int = cog_input(T, "eval_steps"),
     save_steps: int = cog_input(T, "save_steps"),
     seed: int = cog_input(T, "seed"),
+    num_devices: int = cog_input(T, "num_devices"),
     export_formats: str = cog_input(T, "export_formats"),
 ) -> TrainingOutput:
     inputs = filled_in(locals())
@@ -74,10 +78,15 @@ def train(
     return TrainingOutput(weights=Path(result.archive))
 
 
-def train_and_export(settings: TrainSettings) -> TrainResult:
-    """The run, then its export_formats (scripts/export.py's formats) packed into its archive."""
+def train_and_export(settings: TrainSettings) -> TrainResult | None:
+    """The run, then its export_formats (scripts/export.py's formats) packed into its archive. Under
+    torchrun, rank 0 writes and returns the result; the other ranks return None. Several devices
+    wanted outside torchrun: torchrun is started on this file with the same settings."""
+    command = relaunch_command(__file__, to_args(settings), processes_wanted(settings.num_devices))
+    if command is not None:
+        return run_launched(command, settings)
     result = run_training(settings)
-    if settings.export_formats.strip():
+    if result is not None and settings.export_formats.strip():
         from alpaca_tune.export.run import export_run
 
         export_run(result.output_dir, settings.export_formats, settings.base_model)
@@ -85,11 +94,29 @@ def train_and_export(settings: TrainSettings) -> TrainResult:
     return result
 
 
+def run_launched(command: list[str], settings: TrainSettings) -> TrainResult:
+    """torchrun's job, its log passed through; a failed job is an error naming its end."""
+    import json
+    import subprocess
+
+    from alpaca_tune.adapter_files import ARCHIVE_NAME, METRICS_FILE
+    from alpaca_tune.errors import UserError
+
+    done = subprocess.run(command)
+    output_dir = pathlib.Path(settings.output_dir)
+    if done.returncode != 0 or not (output_dir / ARCHIVE_NAME).is_file():
+        raise UserError(f"training on {processes_wanted(settings.num_devices)} processes failed (torchrun exit "
+                        f"status {done.returncode}); the log above names the rank and the cause")
+    metrics = json.loads((output_dir / METRICS_FILE).read_text())
+    return TrainResult(output_dir, output_dir / ARCHIVE_NAME, output_dir / "adapter", metrics)
+
+
 def main(argv=None) -> None:
     settings = parse_args(TrainSettings, argv, "Fine-tune a LoRA adapter on Alpaca-format data.")
     setup_logging()
     result = run_or_exit(train_and_export, settings)
-    print(f"adapter archive: {result.archive}")
+    if result is not None:
+        print(f"adapter archive: {result.archive}")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ class TrainSettings:
                              ge=0, le=1_000_000)
     seed: int = option(42, "Random seed: data split, shuffling, LoRA init and dropout.", ge=0,
                        le=2**31 - 1)
+    num_devices: int = option(0, "Processes to train on, one per GPU, each taking an equal share of every "
+                                 "step (0: every visible GPU; one process on a CPU). More than one starts "
+                                 "them with torchrun.", ge=0, le=4096)
     export_formats: str = option("", "Comma-separated formats exported into the archive's export/ folder after "
                                      "training, e.g. 'gguf-lora,hf' (hf, meta, gguf, gguf-lora, ollama; as "
                                      "scripts/export.py writes them, gguf in f16). Empty: none.",
@@ -197,6 +200,15 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
                             choices=f.metadata.get("choices"),
                             default=None if required else f.default)
     return parser
+
+
+def to_args(settings) -> list[str]:
+    """The command line that parse_args turns back into these settings."""
+    args = []
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        args += [f"--{f.name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
 
 
 def parse_args(cls, argv: list[str] | None, description: str):

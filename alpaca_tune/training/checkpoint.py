@@ -5,6 +5,7 @@
         optimizer.safetensors      AdamW moments, flattened as state.<param index>.<name>
         trainer_state.json         step, scheduler state, optimizer param groups, metrics so far
         rng.safetensors            torch (and CUDA) generator states, so dropout continues the same
+                                   (one per rank: torch.rank<R>, when several processes trained)
 A resumed run recomputes the data order from (seed, epoch) and skips what was consumed, so it
 ends with the same adapter as a run that was never interrupted.
 """
@@ -33,7 +34,11 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / "checkpoints" / f"step-{step:06d}"
 
 
-def save_checkpoint(path: Path, peft_model, optimizer, scheduler, step: int, metrics: dict) -> None:
+def save_checkpoint(path: Path, peft_model, optimizer, scheduler, step: int, metrics: dict,
+                    rng_states: list[torch.Tensor] | None = None, micro_batches_per_step: int | None = None) -> None:
+    """rng_states: every rank's generator state (the LoRA weights and optimizer state are the same
+    on every rank); micro_batches_per_step: what one step took over all ranks, which a resume must
+    keep for the same data order."""
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -43,20 +48,25 @@ def save_checkpoint(path: Path, peft_model, optimizer, scheduler, step: int, met
                for index, slots in opt_state["state"].items() for name, value in slots.items()}
     save_file(tensors, str(partial / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
+    if rng_states and len(rng_states) > 1:
+        rng.update({f"torch.rank{rank}": state for rank, state in enumerate(rng_states)})
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(partial / "rng.safetensors"))
     state = {"step": step, "scheduler": scheduler.state_dict(),
-             "param_groups": opt_state["param_groups"], "metrics": metrics}
+             "param_groups": opt_state["param_groups"], "metrics": metrics,
+             "world_size": len(rng_states or [None]), "micro_batches_per_step": micro_batches_per_step}
     (partial / STATE_FILE).write_text(json.dumps(state, indent=1))
     shutil.rmtree(path, ignore_errors=True)
     partial.rename(path)  # a checkpoint dir either is complete or does not exist
 
 
-def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: dict) -> tuple[int, dict]:
+def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: dict, world=None,
+                    micro_batches_per_step: int | None = None) -> tuple[int, dict]:
     """Restore everything saved; returns (step, metrics so far). A checkpoint that is incomplete,
     unreadable, made with other LoRA settings or for another base (`base_shapes`: the base's
-    parameter shapes) is a CheckpointError naming the file."""
+    parameter shapes), or with another number of micro-batches per step (accumulation x processes)
+    is a CheckpointError naming the file. A checkpoint written by N processes resumes on M."""
     from peft import set_peft_model_state_dict
 
     where = f"resume_from_checkpoint={str(path)!r}"
@@ -69,6 +79,14 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: d
         step, metrics = int(state["step"]), state["metrics"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{state_file}: not a readable trainer state ({err})") from None
+    saved_per_step = state.get("micro_batches_per_step")
+    if micro_batches_per_step and saved_per_step and saved_per_step != micro_batches_per_step:
+        size = state.get("world_size", 1)
+        raise CheckpointError(
+            f"{where}: made with {saved_per_step} micro-batches per step ({size} process(es) x "
+            f"{saved_per_step // max(size, 1)} accumulation); this run takes {micro_batches_per_step}. Resume with "
+            f"gradient_accumulation_steps x processes = {saved_per_step} (e.g. --gradient_accumulation_steps "
+            f"{saved_per_step} on one process) to keep the data order")
     adapter = _read_tensors(path / ADAPTER_SUBDIR / ADAPTER_WEIGHTS)
     try:
         check_adapter(path / ADAPTER_SUBDIR, base_shapes, f"{where}: {ADAPTER_SUBDIR}")
@@ -102,8 +120,10 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: d
     rng = _read_tensors(path / "rng.safetensors")
     if "torch" not in rng:
         raise CheckpointError(f"{path / 'rng.safetensors'}: holds no torch generator state")
+    rank = getattr(world, "rank", 0)
+    same_world = state.get("world_size", 1) == getattr(world, "size", 1)
     try:
-        torch.set_rng_state(rng["torch"])
+        torch.set_rng_state(rng[f"torch.rank{rank}"] if same_world and f"torch.rank{rank}" in rng else rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     except (RuntimeError, TypeError) as err:

@@ -9,9 +9,12 @@ fails in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
+
+import torch
 
 from .. import device as machine
 from ..base_model import load_tokenizer, resolve_base_dir, weight_shapes
@@ -20,7 +23,7 @@ from ..data.prompts import template_for
 from ..data.records import DataError, load_records, split_records
 from ..data.tokenization import tokenize_records
 from ..settings import TrainSettings, validate
-from . import adapter
+from . import adapter, distributed
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .cpu.shared_prefix import shared_prefix_usable
 from .fast_paths import switch_on_fast_paths, wanted
@@ -54,7 +57,12 @@ def prepare_examples(records, settings: TrainSettings, tokenizer, template):
                         "train_label_tokens_per_epoch": stats.label_tokens}
 
 
-def run_training(settings: TrainSettings) -> TrainResult:
+def run_training(settings: TrainSettings) -> TrainResult | None:
+    """The run; under torchrun every rank calls this, and only rank 0 returns the result (the
+    others return None)."""
+    world = distributed.launched_world()
+    if not world.is_main:
+        logging.getLogger("alpaca_tune").setLevel(logging.WARNING)  # rank 0 tells the story
     validate(settings)
     template = template_for(settings)
     records = load_records(settings.train_data)
@@ -67,7 +75,17 @@ def run_training(settings: TrainSettings) -> TrainResult:
     base_shapes = weight_shapes(base_dir)  # also: a truncated weights file is named here
     output_dir = Path(settings.output_dir)
 
-    device = machine.pick_device()
+    device = distributed.rank_device(world, machine.pick_device())
+    distributed.start(world, device)  # after the data passed: bad data never starts a process group
+    try:
+        return _train(settings, world, device, template, base_dir, tokenizer, train_examples, val_examples,
+                      data_stats, base_shapes, output_dir, started)
+    finally:
+        distributed.stop(world)
+
+
+def _train(settings, world, device, template, base_dir, tokenizer, train_examples, val_examples, data_stats,
+           base_shapes, output_dir, started) -> TrainResult | None:
     base_dtype = training_dtype(settings.precision, device)
     base = load_frozen_base(base_dir, settings.quantization, device, base_dtype)
     model = attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
@@ -92,8 +110,10 @@ def run_training(settings: TrainSettings) -> TrainResult:
     if settings.precision == "auto" and device.type == "cpu":
         ran["precision_probe"] = cpu_auto_dtype()[1]  # the timings auto chose by
 
-    plan = StepPlan([len(e) for e in train_examples], settings.train_batch_size,
-                    settings.gradient_accumulation_steps, settings.seed, settings.group_by_length)
+    # the world's step: gradient_accumulation_steps micro-batches on each rank
+    per_step = settings.gradient_accumulation_steps * world.size
+    plan = StepPlan([len(e) for e in train_examples], settings.train_batch_size, per_step, settings.seed,
+                    settings.group_by_length)
     total_steps = plan.total_steps(settings.num_train_epochs, settings.max_steps)
     optimizer, scheduler = make_optimizer(model, settings, total_steps)
     history: list[dict] = []
@@ -101,37 +121,46 @@ def run_training(settings: TrainSettings) -> TrainResult:
     start_step = 0
     if settings.resume_from_checkpoint:
         start_step, saved = load_checkpoint(Path(settings.resume_from_checkpoint), model, optimizer,
-                                            scheduler, base_shapes)
+                                            scheduler, base_shapes, world, per_step)
         history, evals = saved["history"], saved["evals"]
         log.info("resumed from %s at step %d", settings.resume_from_checkpoint, start_step)
 
     pad_id = tokenizer.pad_token_id
     meter = ProgressLog(total_steps, start_step, settings.logging_steps)
-    log.info("training: %d steps (%d per epoch), micro-batch %d x %d accumulation, %s on %s",
-             total_steps, plan.steps_per_epoch, settings.train_batch_size,
-             settings.gradient_accumulation_steps, "packed" if settings.packing else "padded", device)
-    with removed_on_failure(output_dir):  # output_dir is first written from here on
+    log.info("training: %d steps (%d per epoch), micro-batch %d x %d accumulation x %d process(es) = %d "
+             "examples per step, %s on %s", total_steps, plan.steps_per_epoch, settings.train_batch_size,
+             settings.gradient_accumulation_steps, world.size, settings.train_batch_size * per_step,
+             "packed" if settings.packing else "padded", device)
+    # output_dir is first written from here on, by rank 0 alone
+    with removed_on_failure(output_dir) if world.is_main else contextlib.nullcontext():
         model.train()
         for step in range(start_step, total_steps):
             batches = [make_batch([train_examples[i] for i in indices], settings.packing, pad_id)
-                       for indices in plan.step(step)]
+                       for indices in world.share(plan.step(step), settings.gradient_accumulation_steps)]
             loss, lr, tokens, slots = optimizer_step(model, causal_lm, batches, optimizer, scheduler,
-                                                     settings.max_grad_norm, device, fast.compute, share_prefix)
+                                                     settings.max_grad_norm, device, fast.compute, share_prefix,
+                                                     world)
             done = step + 1
             meter.step_done(done, loss, lr, tokens, history)
             history[-1]["padded_tokens"] = slots
             if val_examples and settings.eval_steps and done % settings.eval_steps == 0 and done < total_steps:
                 evals.append({"step": done, "eval_loss": evaluate(causal_lm, val_examples,
-                              settings.train_batch_size, settings.packing, pad_id, device, fast.compute)})
+                              settings.train_batch_size, settings.packing, pad_id, device, fast.compute, world)})
                 log.info("step %d/%d  eval loss %.4f", done, total_steps, evals[-1]["eval_loss"])
             if settings.save_steps and done % settings.save_steps == 0 and done < total_steps:
-                save_checkpoint(checkpoint_dir(output_dir, done), model, optimizer, scheduler, done,
-                                {"history": history, "evals": evals})
-                log.info("checkpoint saved: %s", checkpoint_dir(output_dir, done))
+                rng_states = world.gather(torch.get_rng_state())  # each rank's dropout continues its own
+                if world.is_main:
+                    save_checkpoint(checkpoint_dir(output_dir, done), model, optimizer, scheduler, done,
+                                    {"history": history, "evals": evals}, rng_states, per_step)
+                    log.info("checkpoint saved: %s", checkpoint_dir(output_dir, done))
+                world.barrier()  # no rank runs ahead of a checkpoint that is not there yet
 
         if val_examples:
             evals.append({"step": total_steps, "eval_loss": evaluate(
-                causal_lm, val_examples, settings.train_batch_size, settings.packing, pad_id, device, fast.compute)})
+                causal_lm, val_examples, settings.train_batch_size, settings.packing, pad_id, device, fast.compute,
+                world)})
             log.info("final eval loss %.4f", evals[-1]["eval_loss"])
+        if not world.is_main:
+            return None
         return write_outputs(settings, output_dir, model, initial, template, causal_lm, ran, history, evals,
                              data_stats, meter, started, start_step)

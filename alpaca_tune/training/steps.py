@@ -10,6 +10,7 @@ from ..data.batching import make_batch
 from ..data.tokenization import IGNORE_INDEX, Example
 from ..settings import TrainSettings
 from .cpu.shared_prefix import plan_shared_prefix
+from .distributed import ONE, World
 from .loss import label_loss
 
 
@@ -19,20 +20,22 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 @torch.no_grad()
 def evaluate(causal_lm, examples: list[Example], batch_size: int, packing: bool, pad_id: int,
-             device: torch.device, compute=contextlib.nullcontext) -> float:
-    """Mean loss per target token over the validation examples."""
+             device: torch.device, compute=contextlib.nullcontext, world: World = ONE) -> float:
+    """Mean loss per target token over the validation examples (each rank takes every
+    world.size-th batch; the sums are reduced)."""
     if not examples:
         return float("nan")
     was_training = causal_lm.training
     causal_lm.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
+    for start in list(range(0, len(order), batch_size))[world.rank::world.size]:
         batch = make_batch([examples[i] for i in order[start:start + batch_size]], packing, pad_id)
         with compute():
             loss_sum, n = label_loss(causal_lm, _to(batch, device))
         total, count = total + loss_sum.item(), count + n
     causal_lm.train(was_training)
+    total, count = world.sum([total, count])
     return total / max(count, 1)
 
 
@@ -52,10 +55,14 @@ def make_optimizer(peft_model, settings: TrainSettings, total_steps: int):
 def optimizer_step(model, causal_lm, batches: list[dict[str, torch.Tensor]], optimizer, scheduler,
                    max_grad_norm: float, device: torch.device,
                    compute=contextlib.nullcontext,
-                   share_prefix: bool = False) -> tuple[float, float, int, int]:
-    """One optimizer step over its micro-batches: (mean loss per target token, the lr used,
-    real tokens, computed tokens including padding)."""
-    loss, tokens, slots = accumulate_gradients(causal_lm, batches, device, compute, share_prefix)
+                   share_prefix: bool = False, world: World = ONE) -> tuple[float, float, int, int]:
+    """One optimizer step over its micro-batches (this rank's share of them): (mean loss per target
+    token, the lr used, real tokens, computed tokens including padding), all over the world."""
+    step_targets = int(world.sum([sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)])[0])
+    loss, tokens, slots = accumulate_gradients(causal_lm, batches, device, compute, share_prefix, step_targets)
+    world.sum_gradients([p for p in model.parameters() if p.requires_grad])
+    loss, tokens, slots = world.sum([loss, tokens, slots])
+    tokens, slots = int(tokens), int(slots)
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
     lr = scheduler.get_last_lr()[0]
@@ -67,12 +74,14 @@ def optimizer_step(model, causal_lm, batches: list[dict[str, torch.Tensor]], opt
 
 def accumulate_gradients(causal_lm, batches: list[dict[str, torch.Tensor]], device: torch.device,
                          compute=contextlib.nullcontext,
-                         share_prefix: bool = False) -> tuple[float, int, int]:
+                         share_prefix: bool = False, step_targets: int | None = None) -> tuple[float, int, int]:
     """The gradients of one step's mean loss per target token, added to the parameters' .grad:
     (that loss, real tokens, computed tokens including padding). With share_prefix, a preamble that
-    the step's rows share is computed once (cpu/shared_prefix.py)."""
-    step_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
-    prefix = plan_shared_prefix(batches) if share_prefix else None
+    the step's rows share is computed once (cpu/shared_prefix.py). step_targets: the whole step's
+    target tokens when these batches are one rank's share of it."""
+    if step_targets is None:
+        step_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
+    prefix = plan_shared_prefix(batches) if share_prefix and batches else None  # a rank may have none
     if prefix is not None:
         prefix.to(device)
         with compute():

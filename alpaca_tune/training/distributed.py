@@ -1,0 +1,149 @@
+"""Training on several processes (torchrun): one per device, each with a share of every step.
+
+    torchrun --nproc_per_node=N train.py --train_data ...                           one machine
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \\
+             --rdzv_endpoint=HOST:29500 train.py --train_data ...                     several
+
+Every rank builds the same step plan (a pure function of the seed, plan.py) with the world's
+accumulation (micro-batches per step = gradient_accumulation_steps x world size) and takes its own
+contiguous share of each step's micro-batches, so a step sees exactly the examples a one-process
+run with that accumulation sees, in the same order, and length grouping carries over. Each rank
+normalises its loss by the whole step's target tokens; the gradients are then summed over ranks,
+which gives the one-process gradient (up to the order of the float additions).
+
+Why an all-reduce of the LoRA gradients rather than DistributedDataParallel: loss.py calls the
+model's parts (the LM head only at labelled positions, a preamble shared within a step), never its
+forward, which is where DDP's reducer hooks in; the trainable LoRA weights are a few MB, summed
+once per step with one flattened all_reduce. Only rank 0 writes (archive, checkpoints, metrics,
+plot); evaluation is split over the ranks and its sums reduced.
+
+The backend is NCCL on GPUs and gloo on CPU (how the tests run it). A rank that dies ends the job:
+torchrun stops the others when one exits non-zero. Under Cog (no torchrun), train() with
+num_devices > 1 (or several GPUs visible) starts torchrun on train.py itself (relaunch_command).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+TIMEOUT = datetime.timedelta(minutes=10)  # a collective that waits this long has lost a peer
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def share(self, items: list, per_rank: int) -> list:
+        """This rank's contiguous share of a step's items (per_rank each)."""
+        return items[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over all ranks (the values themselves on one process)."""
+        if not self.distributed:
+            return list(values)
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Every rank's .grad becomes the sum of all ranks' (one flattened all_reduce)."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for parameter, grad in zip(parameters, grads):
+            count = grad.numel()
+            parameter.grad = flat[offset:offset + count].view_as(grad).to(grad.dtype)
+            offset += count
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+ONE = World()  # a run on one process
+
+
+def launched_world() -> World:
+    """The world torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK), or one process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def processes_wanted(num_devices: int) -> int:
+    """num_devices, or (0) every visible GPU, or one process without GPUs."""
+    if num_devices:
+        return num_devices
+    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+
+
+def relaunch_command(script: str, args: list[str], processes: int) -> list[str] | None:
+    """The torchrun command that runs `script args` on `processes` local processes, when more than
+    one is wanted and this process is not already one of torchrun's (None: train here)."""
+    if processes <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            script, *args]
+
+
+def start(world: World, device: torch.device) -> None:
+    """Join the process group (after the data was checked: bad data never starts one)."""
+    if not world.distributed:
+        return
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    log.info("rank %d of %d (%s backend) on %s", world.rank, world.size, backend, device)
+
+
+def stop(world: World) -> None:
+    if world.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def rank_device(world: World, device: torch.device) -> torch.device:
+    """The device of this rank: its own GPU (LOCAL_RANK) when there are GPUs."""
+    if device.type == "cuda" and world.distributed:
+        return torch.device("cuda", world.local_rank)
+    return device
