@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_train.py --examples 64   # smaller/faster
     .venv/bin/python scripts/bench_train.py --variants baseline,ours --rounds 2   # A B B A
     .venv/bin/python scripts/bench_train.py --variants ours,ours-no-cpu_attention --rounds 2
+    .venv/bin/python scripts/bench_train.py --variants ours --nproc 2 --rounds 2   # 2 processes vs 1
 
 Same machine, base model (the embedded SmolLM2 unless --base_model), data (a fixed, seeded mix of
 GPTeacher role-play and GSM8K records from ../shared/data, whose lengths vary), and
@@ -20,6 +21,8 @@ is its own.
             loss in fp32); on CPU also freed memory kept for reuse, cheaper dropout masks,
             blockwise causal attention in bf16 products and the template's preamble computed
             once per optimizer step (README, Performance).
+  ours-nprocN  ours on N processes under torchrun (--nproc N; one thread each, as torchrun sets),
+            each with 1/N of the accumulation, so the effective batch is the same 16.
   ours-*    the same with one setting changed (ours-fp32, ours-bf16, ours-packed,
             ours-no-grouping) or fast paths left off (ours-no-<name>, for each name in
             alpaca_tune/training/fast_paths.py's NAMES, or several joined by "+", through
@@ -147,8 +150,10 @@ def run_ours(train_path: Path, base_dir: Path, output_dir: Path, **extra) -> dic
     from alpaca_tune.training.loop import run_training
 
     settings = TrainSettings(train_data=str(train_path), base_model=str(base_dir), output_dir=str(output_dir),
-                             val_set_size=0, logging_steps=1, **HYPER, **extra)
+                             val_set_size=0, logging_steps=1, **{**HYPER, **extra})
     result = run_training(settings)
+    if result is None:  # a torchrun rank other than 0
+        return {}
     history = result.metrics["history"]
     seconds = history[-1]["elapsed_s"]
     return {"seconds": seconds, "real_tokens": sum(h["tokens"] for h in history),
@@ -181,6 +186,11 @@ def child(variant: str, train_path: Path, eval_path: Path, base_dir: Path, outpu
     torch.manual_seed(0)
     if variant == "baseline":
         result = run_baseline(train_path, base_dir, output_dir)
+    elif variant.startswith("ours-nproc"):
+        accumulation = HYPER["gradient_accumulation_steps"] // int(variant.removeprefix("ours-nproc"))
+        result = run_ours(train_path, base_dir, output_dir, gradient_accumulation_steps=accumulation)
+        if not result:
+            return
     else:
         result = run_ours(train_path, base_dir, output_dir, **VARIANTS.get(variant, {}))
     result["peak_rss_mb"] = round(peak_rss_mb())
@@ -198,6 +208,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every variant this many times, the order reversed each round (A B, B A, ...), "
                              "so that a machine whose speed drifts slows each variant alike")
+    parser.add_argument("--nproc", type=int, default=0,
+                        help="also run ours on this many torchrun processes (variant ours-nprocN)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -211,13 +223,14 @@ def main() -> None:
         return
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
     make_mix(args.examples, args.held_out, workdir)
-    variants = args.variants.split(",")
+    variants = args.variants.split(",") + ([f"ours-nproc{args.nproc}"] if args.nproc > 1 else [])
     from alpaca_tune.training.fast_paths import NAMES
 
     def known(variant: str) -> bool:
         if variant.startswith("ours-no-"):
             return set(variant.removeprefix("ours-no-").split("+")) <= set(NAMES)
-        return variant in {"baseline", *VARIANTS}
+        return variant in {"baseline", *VARIANTS} or (variant.startswith("ours-nproc")
+                                                      and variant.removeprefix("ours-nproc").isdigit())
 
     if unknown := [v for v in variants if not known(v)]:
         sys.exit(f"unknown variant(s) {', '.join(unknown)}; known: baseline, {', '.join(VARIANTS)}, "
@@ -240,6 +253,11 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:10} {r['tokens_per_s']:9.1f} {r['padding']:8.1%} {r['peak_rss_mb']:7.0f}MB "
               f"{r['eval_loss']:10.4f} {r['seconds']:8.1f}  " + " ".join(f"{t:.1f}" for t in r["per_round"]))
+    for name in [n for n in results if n.startswith("ours-nproc") and "ours" in results]:
+        per_round = [n / o for n, o in zip(results[name]["per_round"], results["ours"]["per_round"])]
+        print(f"\n{name} / ours (tokens/s): {results[name]['tokens_per_s'] / results['ours']['tokens_per_s']:.2f}x "
+              f"(per round: {', '.join(f'{r:.2f}x' for r in per_round)}); eval loss "
+              f"{results[name]['eval_loss'] / results['ours']['eval_loss'] - 1:+.2%}")
     if {"baseline", "ours"} <= set(results):
         b, o = results["baseline"], results["ours"]
         per_round = [ours / base for ours, base in zip(o["per_round"], b["per_round"])]
@@ -255,7 +273,10 @@ def run_child(variant: str, workdir: Path, base_dir: Path) -> dict:
     env = dict(os.environ)
     if variant.startswith("ours-no-"):
         env[OFF_ENV] = variant.removeprefix("ours-no-").replace("+", ",")
-    out = subprocess.run([sys.executable, __file__, "--child", variant, "--workdir", str(workdir),
+    launch = [sys.executable]
+    if variant.startswith("ours-nproc"):
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={variant.removeprefix('ours-nproc')}"]
+    out = subprocess.run([*launch, __file__, "--child", variant, "--workdir", str(workdir),
                           "--base_model", str(base_dir)], capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
