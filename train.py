@@ -36,6 +36,7 @@ def train(
     learning_rate: float = cog_input(T, "learning_rate"),
     lr_scheduler: str = cog_input(T, "lr_scheduler"),
     warmup_steps: int = cog_input(T, "warmup_steps"),
+    warmup_ratio: float = cog_input(T, "warmup_ratio"),
     weight_decay: float = cog_input(T, "weight_decay"),
     max_grad_norm: float = cog_input(T, "max_grad_norm"),
     train_batch_size: int = cog_input(T, "train_batch_size"),
@@ -58,6 +59,8 @@ def train(
     eval_steps: int = cog_input(T, "eval_steps"),
     save_steps: int = cog_input(T, "save_steps"),
     seed: int = cog_input(T, "seed"),
+    finetune_method: str = cog_input(T, "finetune_method"),
+    preset: str = cog_input(T, "preset"),
     num_devices: int = cog_input(T, "num_devices"),
     export_formats: str = cog_input(T, "export_formats"),
 ) -> TrainingOutput:

@@ -3,6 +3,7 @@
     adapter.tar.gz                     what train.py returns; COG_WEIGHTS for predict.py
       adapter/adapter_config.json      a plain PEFT adapter (PeftModel.from_pretrained loads it)
       adapter/adapter_model.safetensors
+      model/                           instead of adapter/ with finetune_method=full: the whole model
       training_config.json             the resolved settings, base model, prompt template, what ran
       metrics.json                     loss per step, eval loss, tokens/s, wall time
       loss.png                         the loss curve
@@ -11,6 +12,7 @@
 
 ARCHIVE_NAME = "adapter.tar.gz"
 ADAPTER_SUBDIR = "adapter"
+MODEL_SUBDIR = "model"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONFIG_FILE = "training_config.json"

@@ -49,6 +49,8 @@ class TrainSettings:
                                choices=["linear", "cosine", "constant"])
     warmup_steps: int = option(10, "Steps of linear learning-rate warmup from 0 (at most the run's steps minus one).",
                                ge=0, le=100_000)
+    warmup_ratio: float = option(0.0, "Warmup as a fraction of the run's steps; when > 0 it replaces "
+                                      "warmup_steps.", ge=0.0, le=1.0)
     weight_decay: float = option(0.0, "AdamW weight decay.", ge=0.0, le=1.0)
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables clipping).", ge=0.0, le=1000.0)
     train_batch_size: int = option(4, "Micro-batch: examples per forward/backward pass.", ge=1, le=1024)
@@ -91,6 +93,13 @@ class TrainSettings:
                              ge=0, le=1_000_000)
     seed: int = option(42, "Random seed: data split, shuffling, LoRA init and dropout.", ge=0,
                        le=2**31 - 1)
+    finetune_method: str = option("lora", "lora: train a LoRA adapter (the archive holds it); full: train every "
+                                          "weight of the base in fp32 (Stanford Alpaca's recipe; the archive holds "
+                                          "the whole model, which predict.py serves in place of the base).",
+                                  choices=["lora", "full"])
+    preset: str = option("", "A named recipe for the inputs left at their defaults: 'stanford_alpaca' (full "
+                             "fine-tuning, lr 2e-5, 3 epochs, cutoff 512, 128 examples per step, weight decay 0, "
+                             "warmup ratio 0.03, cosine). Empty: none.", choices=["", "stanford_alpaca"])
     num_devices: int = option(0, "Processes to train on, one per GPU, each taking an equal share of every "
                                  "step (0: every visible GPU; one process on a CPU). More than one starts "
                                  "them with torchrun.", ge=0, le=4096)
@@ -200,6 +209,27 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
                             choices=f.metadata.get("choices"),
                             default=None if required else f.default)
     return parser
+
+
+# Stanford Alpaca's train.py command (README of tatsu-lab/stanford_alpaca): full fine-tuning, bf16,
+# 3 epochs, per-device batch 4 x 8 accumulation on 4 GPUs = 128, lr 2e-5, weight decay 0, warmup
+# ratio 0.03, cosine, max length 512. The step keeps 128 examples whatever the process count.
+PRESETS = {"stanford_alpaca": {"finetune_method": "full", "learning_rate": 2e-5, "num_train_epochs": 3.0,
+                               "cutoff_len": 512, "weight_decay": 0.0, "warmup_ratio": 0.03, "lr_scheduler": "cosine",
+                               "train_batch_size": 4, "examples_per_step": 128}}
+
+
+def apply_preset(settings, processes: int = 1):
+    """The settings with the preset's values in every setting still at its default (what the user
+    set stays); its examples_per_step becomes the accumulation for this many processes."""
+    if not getattr(settings, "preset", ""):
+        return settings
+    values = dict(PRESETS[settings.preset])
+    per_step = values.pop("examples_per_step")
+    values["gradient_accumulation_steps"] = max(1, per_step // (values["train_batch_size"] * processes))
+    changes = {name: value for name, value in values.items()
+               if getattr(settings, name) == default_of(type(settings), name)}
+    return dataclasses.replace(settings, **changes)
 
 
 def to_args(settings) -> list[str]:

@@ -74,9 +74,14 @@ class InstructModel:
         # the unpacked files are only needed until the weights are in memory
         with tempfile.TemporaryDirectory(prefix="adapter-") as workdir:
             adapter = fetch_weights(str(weights), Path(workdir), limits)
-            check_adapter(adapter.root, shapes, adapter.label)
             recorded = read_training_config(adapter).get("prompt_template")
             template = template_from_json(recorded, f"{adapter.label}: training_config.json") if recorded else None
+            if adapter.full_model:  # finetune_method=full: the trained model replaces the base
+                log.info("serving the fully fine-tuned model in %s in place of the base", adapter.label)
+                shapes = weight_shapes(adapter.root)
+                return cls(cls._load_model(adapter.root, None, merge), cls._tokenizer(adapter.root), template,
+                           limits, shapes)
+            check_adapter(adapter.root, shapes, adapter.label)
             model = cls._load_model(base_dir, adapter.root, merge, adapter.label)
             tokenizer = cls._tokenizer(base_dir)
         log.info("adapter loaded from %s (%s)", adapter.label, "merged" if merge else "unmerged")

@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..adapter_files import ADAPTER_CONFIG, ADAPTER_SUBDIR, CONFIG_FILE
+from ..adapter_files import ADAPTER_CONFIG, ADAPTER_SUBDIR, CONFIG_FILE, MODEL_SUBDIR
 from ..errors import UserError, read_json
 from .limits import MAX_COMPRESSION_RATIO, RATIO_CHECKED_AFTER, Limits
 
@@ -29,8 +29,9 @@ class WeightsError(UserError):
 
 @dataclass(frozen=True)
 class FetchedAdapter:
-    root: Path  # the directory holding adapter_config.json
+    root: Path  # the directory holding adapter_config.json (or a full model's config.json)
     label: str  # what the user gave (archive, directory, shortened URL), for messages
+    full_model: bool = False  # train.py's finetune_method=full: the archive holds the model itself
 
 
 def _member_path(member: tarfile.TarInfo, label: str) -> PurePosixPath:
@@ -85,11 +86,15 @@ def unpack(archive: Path, target: Path, label: str | None = None, limits: Limits
 
 
 def find_adapter_root(directory: Path, label: str | None = None) -> FetchedAdapter:
-    """The directory that holds adapter_config.json: `directory/adapter` or `directory` itself."""
+    """The directory that holds adapter_config.json: `directory/adapter` or `directory` itself; or,
+    from a full fine-tuning run, `directory/model` holding the whole model (config.json, weights)."""
     label = label or str(directory)
     for candidate in (directory / ADAPTER_SUBDIR, directory):
         if (candidate / ADAPTER_CONFIG).is_file():
             return FetchedAdapter(candidate, label)
+    model = directory / MODEL_SUBDIR
+    if (model / "config.json").is_file() and any(model.glob("*.safetensors")):
+        return FetchedAdapter(model, label, full_model=True)
     raise WeightsError(f"{label}: no {ADAPTER_CONFIG} inside; expected an archive from train.py or a "
                        f"PEFT adapter directory")
 

@@ -20,6 +20,7 @@ from ..adapter_files import (
     CONFIG_FILE,
     EXPORT_SUBDIR,
     METRICS_FILE,
+    MODEL_SUBDIR,
     PLOT_FILE,
 )
 from ..errors import UserError
@@ -88,17 +89,36 @@ def save_adapter(peft_model, adapter_dir: Path, initial: dict[str, torch.Tensor]
     return adapter_dir
 
 
+def fingerprint(model) -> dict[str, float]:
+    """Full fine-tuning: each weight's sum, to prove later that training changed the model
+    without keeping a second copy of it."""
+    return {n: float(p.detach().double().sum()) for n, p in model.named_parameters()}
+
+
+def save_full_model(causal_lm, tokenizer, model_dir: Path, initial: dict[str, float]) -> Path:
+    """Full fine-tuning's output: the whole model (safetensors, config, generation config) and the
+    tokenizer, loadable with from_pretrained and servable as a base; refused if no weight moved."""
+    after = fingerprint(causal_lm)
+    if after == initial:
+        raise ArtifactError(f"{model_dir}: no weight moved from the base's; training did not update the model")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    causal_lm.config.use_cache = True  # as a served model wants it
+    causal_lm.save_pretrained(str(model_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(model_dir))
+    return model_dir
+
+
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def pack(output_dir: Path) -> Path:
-    """adapter.tar.gz in output_dir with the adapter and the run's config, metrics and plot."""
+    """adapter.tar.gz in output_dir with the adapter (or the fully fine-tuned model) and the run's
+    config, metrics and plot."""
     archive = output_dir / ARCHIVE_NAME
     partial = output_dir / (ARCHIVE_NAME + ".partial")
     with tarfile.open(partial, "w:gz") as tar:
-        tar.add(output_dir / ADAPTER_SUBDIR, arcname=ADAPTER_SUBDIR)
-        for name in (CONFIG_FILE, METRICS_FILE, PLOT_FILE, EXPORT_SUBDIR):
+        for name in (ADAPTER_SUBDIR, MODEL_SUBDIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, EXPORT_SUBDIR):
             if (output_dir / name).exists():
                 tar.add(output_dir / name, arcname=name)
     partial.rename(archive)

@@ -1,7 +1,7 @@
 """Resumable checkpoints: adapter, optimizer, scheduler, RNG and step, all in safetensors + JSON.
 
     checkpoints/step-000050/
-        adapter/                   the PEFT adapter at that step
+        adapter/                   the PEFT adapter at that step (model/: the whole model, full fine-tuning)
         optimizer.safetensors      AdamW moments, flattened as state.<param index>.<name>
         trainer_state.json         step, scheduler state, optimizer param groups, metrics so far
         rng.safetensors            torch (and CUDA) generator states, so dropout continues the same
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..adapter_check import AdapterError, check_adapter
-from ..adapter_files import ADAPTER_SUBDIR, ADAPTER_WEIGHTS
+from ..adapter_files import ADAPTER_SUBDIR, ADAPTER_WEIGHTS, MODEL_SUBDIR
 from ..errors import UserError
 
 STATE_FILE = "trainer_state.json"
@@ -42,7 +42,8 @@ def save_checkpoint(path: Path, peft_model, optimizer, scheduler, step: int, met
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    peft_model.save_pretrained(str(partial / ADAPTER_SUBDIR), safe_serialization=True)
+    subdir = ADAPTER_SUBDIR if is_peft(peft_model) else MODEL_SUBDIR
+    peft_model.save_pretrained(str(partial / subdir), safe_serialization=True)
     opt_state = optimizer.state_dict()
     tensors = {f"state.{index}.{name}": value.contiguous()
                for index, slots in opt_state["state"].items() for name, value in slots.items()}
@@ -67,8 +68,6 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: d
     unreadable, made with other LoRA settings or for another base (`base_shapes`: the base's
     parameter shapes), or with another number of micro-batches per step (accumulation x processes)
     is a CheckpointError naming the file. A checkpoint written by N processes resumes on M."""
-    from peft import set_peft_model_state_dict
-
     where = f"resume_from_checkpoint={str(path)!r}"
     state_file = path / STATE_FILE
     if not state_file.is_file():
@@ -87,6 +86,46 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: d
             f"{saved_per_step // max(size, 1)} accumulation); this run takes {micro_batches_per_step}. Resume with "
             f"gradient_accumulation_steps x processes = {saved_per_step} (e.g. --gradient_accumulation_steps "
             f"{saved_per_step} on one process) to keep the data order")
+    if not is_peft(peft_model):
+        _load_full_model(path, peft_model)
+    else:
+        _load_adapter(path, where, peft_model, base_shapes)
+    _load_optimizer(path, state, optimizer, scheduler)
+    _load_rng(path, state, world)
+    return step, metrics
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _load_full_model(path: Path, model) -> None:
+    """Full fine-tuning's checkpoint: the model's own safetensors (a tied head is not stored)."""
+    from safetensors import SafetensorError
+
+    state = {}
+    files = sorted((path / MODEL_SUBDIR).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path / MODEL_SUBDIR}: no model weights; a full fine-tuning checkpoint holds "
+                              f"model/model.safetensors (a LoRA checkpoint cannot resume finetune_method=full)")
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"{file}: cannot read the checkpoint's tensors ({err})") from None
+    expected = dict(model.named_parameters())
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(expected) - set(state) - tied)
+    wrong = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if missing or wrong:
+        raise CheckpointError(f"{path / MODEL_SUBDIR}: does not fit this base ({len(missing)} weights missing, "
+                              f"{len(wrong)} of another shape, e.g. {(missing + wrong)[:2]})")
+    model.load_state_dict(state, strict=False)
+
+
+def _load_adapter(path: Path, where: str, peft_model, base_shapes: dict) -> None:
+    from peft import set_peft_model_state_dict
+
     adapter = _read_tensors(path / ADAPTER_SUBDIR / ADAPTER_WEIGHTS)
     try:
         check_adapter(path / ADAPTER_SUBDIR, base_shapes, f"{where}: {ADAPTER_SUBDIR}")
@@ -104,6 +143,9 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: d
         raise CheckpointError(f"{path}: adapter does not fit this model/LoRA settings "
                               f"(unexpected {result.unexpected_keys[:2]}); resume with the checkpoint's "
                               f"lora_target_modules")
+
+
+def _load_optimizer(path: Path, state: dict, optimizer, scheduler) -> None:
     flat = _read_tensors(path / "optimizer.safetensors")
     slots: dict[int, dict] = {}
     for key, value in flat.items():
@@ -117,6 +159,9 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: d
         scheduler.load_state_dict(state["scheduler"])
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: optimizer state does not fit this run: {err}") from None
+
+
+def _load_rng(path: Path, state: dict, world) -> None:
     rng = _read_tensors(path / "rng.safetensors")
     if "torch" not in rng:
         raise CheckpointError(f"{path / 'rng.safetensors'}: holds no torch generator state")
@@ -128,7 +173,6 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: d
             torch.cuda.set_rng_state(rng["cuda"])
     except (RuntimeError, TypeError) as err:
         raise CheckpointError(f"{path / 'rng.safetensors'}: not a generator state ({err})") from None
-    return step, metrics
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

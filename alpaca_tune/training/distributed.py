@@ -14,7 +14,7 @@ which gives the one-process gradient (up to the order of the float additions).
 Why an all-reduce of the LoRA gradients rather than DistributedDataParallel: loss.py calls the
 model's parts (the LM head only at labelled positions, a preamble shared within a step), never its
 forward, which is where DDP's reducer hooks in; the trainable LoRA weights are a few MB, summed
-once per step with one flattened all_reduce. Only rank 0 writes (archive, checkpoints, metrics,
+once per step with one flattened all_reduce (full fine-tuning's in buckets). Only rank 0 writes (archive, checkpoints, metrics,
 plot); evaluation is split over the ranks and its sums reduced.
 
 The backend is NCCL on GPUs and gloo on CPU (how the tests run it). A rank that dies ends the job:
@@ -65,19 +65,21 @@ class World:
         return tensor.tolist()
 
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        """Every rank's .grad becomes the sum of all ranks' (one flattened all_reduce)."""
+        """Every rank's .grad becomes the sum of all ranks': flattened into buckets of at most
+        BUCKET values, one all_reduce each (LoRA's fit one bucket; full fine-tuning's do not)."""
         if not self.distributed:
             return
         import torch.distributed as dist
 
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for parameter, grad in zip(parameters, grads):
-            count = grad.numel()
-            parameter.grad = flat[offset:offset + count].view_as(grad).to(grad.dtype)
-            offset += count
+        for bucket in _buckets(parameters):
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            dist.all_reduce(flat)
+            offset = 0
+            for parameter, grad in zip(bucket, grads):
+                count = grad.numel()
+                parameter.grad = flat[offset:offset + count].view_as(grad).to(grad.dtype)
+                offset += count
 
     def gather(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
@@ -97,6 +99,18 @@ class World:
 
 
 ONE = World()  # a run on one process
+BUCKET = 1 << 25  # values per gradient all_reduce (128 MB of fp32)
+
+
+def _buckets(parameters: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
+    buckets, size = [[]], 0
+    for parameter in parameters:
+        if buckets[-1] and size + parameter.numel() > BUCKET:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(parameter)
+        size += parameter.numel()
+    return buckets
 
 
 def launched_world() -> World:

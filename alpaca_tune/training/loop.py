@@ -10,6 +10,7 @@ fails in seconds.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from pathlib import Path
@@ -22,12 +23,12 @@ from ..data.batching import make_batch
 from ..data.prompts import template_for
 from ..data.records import DataError, load_records, split_records
 from ..data.tokenization import tokenize_records
-from ..settings import TrainSettings, validate
+from ..settings import TrainSettings, apply_preset, validate
 from . import adapter, distributed
 from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from .cpu.shared_prefix import shared_prefix_usable
-from .fast_paths import switch_on_fast_paths, wanted
-from .model import attach_lora, load_frozen_base
+from .fast_paths import FastPaths, switch_on_fast_paths, wanted
+from .model import ModelError, attach_lora, load_frozen_base, make_fully_trainable
 from .outputs import TrainResult, removed_on_failure, write_outputs
 from .plan import StepPlan
 from .precision import cpu_auto_dtype, training_dtype
@@ -63,7 +64,11 @@ def run_training(settings: TrainSettings) -> TrainResult | None:
     world = distributed.launched_world()
     if not world.is_main:
         logging.getLogger("alpaca_tune").setLevel(logging.WARNING)  # rank 0 tells the story
+    settings = apply_preset(settings, world.size)
     validate(settings)
+    if settings.finetune_method == "full" and settings.quantization != "none":
+        raise ModelError(f"finetune_method=full trains every weight, which a {settings.quantization} base cannot "
+                         f"hold; use quantization=none")
     template = template_for(settings)
     records = load_records(settings.train_data)
     started = time.perf_counter()
@@ -87,24 +92,39 @@ def run_training(settings: TrainSettings) -> TrainResult | None:
 def _train(settings, world, device, template, base_dir, tokenizer, train_examples, val_examples, data_stats,
            base_shapes, output_dir, started) -> TrainResult | None:
     base_dtype = training_dtype(settings.precision, device)
-    base = load_frozen_base(base_dir, settings.quantization, device, base_dtype)
-    model = attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
-                        settings.lora_target_modules, settings.seed,
-                        quantized=settings.quantization != "none",
-                        gradient_checkpointing=settings.gradient_checkpointing)
-    fast = switch_on_fast_paths(model, device, base_dtype, quantized=settings.quantization != "none",
-                                compile_layers=settings.torch_compile)
-    causal_lm = model.get_base_model()  # LoRA layers live inside it; loss.py calls its parts
-    share_prefix = (shared_prefix_usable(causal_lm, settings.packing, settings.gradient_checkpointing)
-                    and wanted("shared_preamble"))
-    fast.switched_on["shared_preamble"] = share_prefix
-    if share_prefix:
-        log.info("a preamble shared by a step's rows (the prompt template's) is computed once per step")
-    initial = adapter.snapshot_lora(model)
+    full = settings.finetune_method == "full"
+    if full:
+        # AdamW's updates need fp32 weights; under bf16 precision the forward runs in bf16 autocast
+        base = load_frozen_base(base_dir, "none", device, torch.float32)
+        model = causal_lm = make_fully_trainable(base, settings.gradient_checkpointing)
+        fast = FastPaths(functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
+                                           enabled=base_dtype == torch.bfloat16), {})
+        share_prefix = False
+        initial = adapter.fingerprint(model)
+    else:
+        base = load_frozen_base(base_dir, settings.quantization, device, base_dtype)
+        model = attach_lora(base, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
+                            settings.lora_target_modules, settings.seed,
+                            quantized=settings.quantization != "none",
+                            gradient_checkpointing=settings.gradient_checkpointing)
+        fast = switch_on_fast_paths(model, device, base_dtype, quantized=settings.quantization != "none",
+                                    compile_layers=settings.torch_compile)
+        causal_lm = model.get_base_model()  # LoRA layers live inside it; loss.py calls its parts
+        share_prefix = (shared_prefix_usable(causal_lm, settings.packing, settings.gradient_checkpointing)
+                        and wanted("shared_preamble"))
+        fast.switched_on["shared_preamble"] = share_prefix
+        if share_prefix:
+            log.info("a preamble shared by a step's rows (the prompt template's) is computed once per step")
+        initial = adapter.snapshot_lora(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA: %s trainable parameters (r=%d, alpha=%d, targets=%s)", f"{trainable:,}",
-             settings.lora_rank, settings.lora_alpha, settings.lora_target_modules)
+    if full:
+        log.info("full fine-tuning: %s trainable parameters (fp32 weights%s)", f"{trainable:,}",
+                 ", bf16 autocast" if base_dtype == torch.bfloat16 else "")
+    else:
+        log.info("LoRA: %s trainable parameters (r=%d, alpha=%d, targets=%s)", f"{trainable:,}",
+                 settings.lora_rank, settings.lora_alpha, settings.lora_target_modules)
     ran = {"device": str(device), "base_dtype": str(base_dtype).removeprefix("torch."),
+           "finetune_method": settings.finetune_method, "processes": world.size,
            "attention": causal_lm.config._attn_implementation, "fast_paths": fast.switched_on,
            "machine": machine.describe()}
     if settings.precision == "auto" and device.type == "cpu":
@@ -163,4 +183,4 @@ def _train(settings, world, device, template, base_dir, tokenizer, train_example
         if not world.is_main:
             return None
         return write_outputs(settings, output_dir, model, initial, template, causal_lm, ran, history, evals,
-                             data_stats, meter, started, start_step)
+                             data_stats, meter, started, start_step, tokenizer)

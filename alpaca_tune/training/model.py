@@ -1,4 +1,5 @@
-"""The model a training run trains: the frozen base (dtype, device, 8/4-bit) with fresh LoRA weights."""
+"""The model a training run trains: the frozen base (dtype, device, 8/4-bit) with fresh LoRA weights,
+or (full fine-tuning) every weight of the base."""
 
 from __future__ import annotations
 
@@ -78,3 +79,12 @@ def attach_lora(model, rank: int, alpha: int, dropout: float, target_modules: st
                         if isinstance(module, torch.nn.Linear)})
         raise ModelError(f"lora_target_modules={target_modules!r}: {err}. Linear modules of this "
                          f"model: {', '.join(names)} (or all-linear)") from None
+
+
+def make_fully_trainable(model, gradient_checkpointing: bool = False):
+    """Full fine-tuning: every weight of the base is trained (in fp32, as loaded for it)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

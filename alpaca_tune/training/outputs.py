@@ -13,7 +13,13 @@ from pathlib import Path
 
 import torch
 
-from ..adapter_files import ADAPTER_SUBDIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE
+from ..adapter_files import (
+    ADAPTER_SUBDIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_SUBDIR,
+    PLOT_FILE,
+)
 from . import adapter
 from .progress import plot_loss
 
@@ -53,16 +59,20 @@ def removed_on_failure(output_dir: Path):
 
 
 def write_outputs(settings, output_dir, model, initial, template, causal_lm, ran: dict, history, evals,
-                  data_stats, meter, started, start_step) -> TrainResult:
+                  data_stats, meter, started, start_step, tokenizer=None) -> TrainResult:
     """`ran`: what actually ran (device, dtype, attention, each fast path), for training_config.json."""
     import peft
     import transformers
 
-    adapter_dir = output_dir / ADAPTER_SUBDIR
+    full = settings.finetune_method == "full"
+    adapter_dir = output_dir / (MODEL_SUBDIR if full else ADAPTER_SUBDIR)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     # A resumed run may legitimately start from a trained adapter, so only a fresh run demands
     # that the weights moved from their initial values.
-    adapter.save_adapter(model, adapter_dir, initial if start_step == 0 else None)
+    if full:
+        adapter.save_full_model(causal_lm, tokenizer, adapter_dir, initial if start_step == 0 else {})
+    else:
+        adapter.save_adapter(model, adapter_dir, initial if start_step == 0 else None)
     wall = time.perf_counter() - started
     metrics = {"history": history, "evals": evals,
                "final_train_loss": history[-1]["loss"] if history else None,
@@ -81,7 +91,7 @@ def write_outputs(settings, output_dir, model, initial, template, causal_lm, ran
     adapter.write_json(output_dir / CONFIG_FILE, config)
     adapter.write_json(output_dir / METRICS_FILE, metrics)
     plot_loss(history, evals, output_dir / PLOT_FILE,
-              f"LoRA r={settings.lora_rank} on {Path(settings.train_data).name}")
+              f"{'full fine-tuning' if full else f'LoRA r={settings.lora_rank}'} on {Path(settings.train_data).name}")
     archive = adapter.pack(output_dir)
     log.info("wrote %s (%.1f MB) in %.0f s", archive, archive.stat().st_size / 1e6, wall)
     return TrainResult(output_dir, archive, adapter_dir, metrics)

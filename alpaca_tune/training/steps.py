@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -40,14 +41,17 @@ def evaluate(causal_lm, examples: list[Example], batch_size: int, packing: bool,
 
 
 def make_optimizer(peft_model, settings: TrainSettings, total_steps: int):
+    """AdamW over the trainable parameters (LoRA's, or every weight in full fine-tuning) and the
+    learning-rate schedule."""
     from transformers import get_scheduler
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     # Warmup starts at lr 0; a run that is all warmup would end before reaching the set rate (a
     # 1-step run would not learn at all), so warmup stops one step before the end at the latest.
+    warmup = math.ceil(settings.warmup_ratio * total_steps) if settings.warmup_ratio > 0 else settings.warmup_steps
     scheduler = get_scheduler(settings.lr_scheduler, optimizer,
-                              num_warmup_steps=min(settings.warmup_steps, total_steps - 1),
+                              num_warmup_steps=min(warmup, total_steps - 1),
                               num_training_steps=total_steps)
     return optimizer, scheduler
 
