@@ -85,6 +85,11 @@ def open_source(weights: str | None = None, base_model: str = "") -> Iterator[So
         return
     with tempfile.TemporaryDirectory(prefix="export-adapter-") as workdir:
         adapter = fetch_weights(str(weights), Path(workdir))
+        if adapter.full_model:  # finetune_method=full: the archive's model is what is exported
+            with open_source(None, str(adapter.root)) as trained:
+                trained.training_config = read_training_config(adapter)
+                yield trained
+            return
         source.adapter = adapter
         source.adapter_config = check_adapter(adapter.root, shapes, adapter.label)
         source.training_config = read_training_config(adapter)

@@ -1,6 +1,6 @@
 """convert_weights.py / alpaca_tune.convert: tiny random Meta checkpoints of every version and
 shard layout, converted and run through transformers, must give the logits of an independent
-model-parallel reference forward pass (tests/conversion/meta_reference.py) in fp32."""
+model-parallel reference forward pass (tests/meta_reference.py) in fp32."""
 
 import json
 import subprocess

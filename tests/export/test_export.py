@@ -113,6 +113,34 @@ def test_meta_round_trip_through_convert_weights_is_exact(exported, tmp_path):
     assert all(torch.equal(back[k], merged[k]) for k in merged)
 
 
+def test_meta_shards_run_in_metas_reference_forward_like_the_merged_model(exported, tiny_tokenizer):
+    """The exported shards, read by an independent model-parallel forward written after Meta's
+    model.py (tests/meta_reference.py), give the merged HF model's logits."""
+    import meta_reference as ref
+
+    meta = exported / "meta"
+    params = json.loads((meta / "params.json").read_text())
+    shards = [torch.load(meta / f"consolidated.{r:02d}.pth", weights_only=True) for r in range(2)]
+    cfg = ref.RefConfig(n_layers=params["n_layers"], n_heads=params["n_heads"], n_kv_heads=params["n_kv_heads"],
+                        norm_eps=params["norm_eps"], rope_theta=params["rope_theta"], vocab_parallel_embedding=False)
+    ids = tiny_tokenizer(TEXTS[0])["input_ids"]
+    theirs = ref.forward(shards, cfg, torch.tensor([ids]))[0].numpy()
+    assert abs(theirs - logits(load_hf(exported / "hf"), ids)).max() < 1e-4
+
+
+def test_a_full_fine_tuning_archive_exports_as_the_model_itself(tmp_path, tiny_model_dir):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "model")  # what finetune_method=full leaves in its archive
+    (run / "training_config.json").write_text(json.dumps({"prompt_template": {"name": "t", "prompt_input":
+                                                          "{instruction} {input}", "prompt_no_input": "{instruction}",
+                                                          "response_split": ""}}))
+    export("gguf,ollama", tmp_path / "out", str(run), "", ExportOptions(outtype="f32", progress=False))
+    check_gguf_against_hf(tmp_path / "out" / "gguf" / "model-f32.gguf", tiny_model_dir, TEXTS[:1], 1e-4)
+    assert "TEMPLATE \"\"\"{{ if .System }}{{ .Prompt }} {{ .System }}" in (tmp_path / "out" / "ollama" / "Modelfile").read_text()
+
+
 def test_meta_refuses_shards_that_do_not_divide(tmp_path, run_dir, tiny_model_dir):
     with pytest.raises(ExportError, match="--shards 3: .*n_heads 4"):
         export("meta", tmp_path / "m", str(run_dir[0]), str(tiny_model_dir), ExportOptions(shards=3, progress=False))
@@ -311,3 +339,28 @@ def test_embedded_smollm2_exports_to_llama_cpp_and_hf(tmp_path, full_threads):
     assert abs(logits(load_hf(tmp_path / "out" / "hf"), ids) - logits(reference, ids)).max() < 1e-4
     check_gguf_against_hf(tmp_path / "out" / "gguf" / "model-f32.gguf", tmp_path / "out" / "hf", TEXTS, 1e-4,
                           greedy_steps=32)
+
+
+def test_too_little_disk_space_is_refused_before_writing(tmp_path, run_dir, tiny_model_dir, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(ExportError, match=r"needs about 0\.\d GB free, has 0\.0 GB"):
+        export("hf", tmp_path / "out", str(run_dir[0]), str(tiny_model_dir), ExportOptions(progress=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_midway_leaves_nothing(tmp_path, run_dir, tiny_model_dir, monkeypatch):
+    import errno
+
+    from alpaca_tune.conversion import safetensors_writer
+
+    def full_disk(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors_writer.StreamingSafetensors, "write", full_disk)
+    with pytest.raises(ExportError, match="no space left on the disk; nothing written"):
+        export("hf", tmp_path / "out", str(run_dir[0]), str(tiny_model_dir), ExportOptions(progress=False))
+    assert list(tmp_path.iterdir()) == []
