@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # llama.cpp for the GGUF tests: a portable AVX2 build (see requirements-llamacpp.txt)
 LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install weights demo test test-fast serve serve-train clean
+.PHONY: install weights demo test test-fast serve serve-train ui clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-llamacpp.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-llamacpp.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet --no-deps --no-cache-dir -r requirements-llamacpp.txt
+	@# headless Chromium for the web page's tests (tests/test_webui.py); Playwright cannot download its own here
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "note: install Debian's chromium (apt-get install chromium) for the web page's browser tests"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -41,6 +43,11 @@ serve: $(STAMP)
 
 serve-train: $(STAMP)
 	$(PY) scripts/serve.py --train --port $(PORT)
+
+# The web page on http://127.0.0.1:$(UI_PORT): ask, compare, train, export (scripts/webui.py).
+UI_PORT ?= 7860
+ui: $(STAMP)
+	$(PY) scripts/webui.py --port $(UI_PORT) $(if $(COG_WEIGHTS),--weights "$(COG_WEIGHTS)")
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -11,7 +11,8 @@ PACKAGE = ROOT / "alpaca_tune"
 SHARED = {"settings", "errors", "cli", "base_model", "device", "adapter_files", "adapter_check", "allocator"}
 # part -> parts it may import (besides itself and the shared modules)
 ALLOWED = {"data": set(), "training": {"data"}, "serving": {"data"}, "conversion": set(), "shared": set(),
-           "export": {"data", "serving", "conversion"}}  # export reads adapters as serving does, writes as conversion
+           "export": {"data", "serving", "conversion"},
+           "webui": {"data", "serving", "export"}}  # export reads adapters as serving does, writes as conversion
 
 
 def _module_name(path: Path) -> str:

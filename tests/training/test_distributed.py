@@ -131,8 +131,9 @@ def test_cog_train_with_num_devices_starts_torchrun_itself(tmp_path, data, tiny_
     import tarfile
     import tempfile
 
-    import train
     from cog import Path as CogPath
+
+    import train
 
     monkeypatch.setenv("ALPACA_TUNE_BASE", str(tiny_model_dir))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

@@ -1,0 +1,88 @@
+"""A training run started from the page: train.py itself in a child process, one at a time.
+
+A child rather than a thread, so that Cancel is Ctrl-C for train.py (it then removes what it had
+written, as on the command line) and the page's process never holds a second model. Its log lines
+are read as they come; the step lines (step, loss, ETA) feed the progress bar and the loss plot.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..adapter_files import ARCHIVE_NAME
+from ..base_model import PROJECT_ROOT
+
+STEP_LINE = re.compile(r"step (\d+)/(\d+)\s+loss ([0-9.]+).*?ETA (\S+)")
+EVAL_LINE = re.compile(r"(?:final )?eval loss ([0-9.]+)")
+
+
+@dataclass
+class TrainingJob:
+    output_dir: Path
+    process: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    steps: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    total_steps: int = 0
+    eta: str = ""
+    cancelled: bool = False
+
+    @classmethod
+    def start(cls, arguments: dict[str, object], output_dir: Path) -> TrainingJob:
+        command = [sys.executable, str(PROJECT_ROOT / "train.py"), "--output_dir", str(output_dir)]
+        for name, value in arguments.items():
+            command += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+        process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, bufsize=1)
+        job = cls(output_dir, process)
+        threading.Thread(target=job._read, daemon=True).start()
+        return job
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            if match := STEP_LINE.search(line):
+                self.steps.append((int(match.group(1)), float(match.group(3))))
+                self.total_steps, self.eta = int(match.group(2)), match.group(4)
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    @property
+    def archive(self) -> Path | None:
+        path = self.output_dir / ARCHIVE_NAME
+        return path if not self.running and self.process.returncode == 0 and path.is_file() else None
+
+    def status(self) -> str:
+        if self.running:
+            done = self.steps[-1][0] if self.steps else 0
+            return f"training: step {done}/{self.total_steps or '?'}, ETA {self.eta or '?'}"
+        if self.cancelled:
+            return "cancelled; nothing was kept"
+        if self.archive:
+            return f"done: {self.archive}"
+        errors = [line for line in self.lines if line.startswith("error:")]
+        return errors[-1] if errors else f"failed (exit status {self.process.returncode}); see the log"
+
+    def fraction(self) -> float:
+        if not self.steps or not self.total_steps:
+            return 0.0 if self.running else 1.0
+        return self.steps[-1][0] / self.total_steps
+
+    def cancel(self) -> None:
+        if self.running:
+            self.cancelled = True
+            self.process.send_signal(signal.SIGINT)  # train.py removes its output, as after Ctrl-C
+            deadline = time.monotonic() + 30
+            while self.running and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self.running:
+                self.process.kill()
