@@ -192,3 +192,18 @@ def test_train_from_an_uploaded_file_shows_the_loss_and_the_archive(page, tmp_pa
     page.get_by_role("tab", name="Ask").click()
     page.click("#ask-model input")  # the new adapter is offered
     page.locator("#ask-model [role=option]", has_text="(outputs/)").first.wait_for(timeout=15_000)
+
+
+def test_export_offers_the_files_and_a_bad_archive_gets_a_message(page, page_server, tmp_path):
+    page.get_by_role("tab", name="Export").click()
+    page.get_by_label("gguf-lora").check()
+    page.get_by_label("gguf", exact=True).uncheck()
+    page.click("#export-submit")
+    page.locator("#export-files", has_text="adapter").first.wait_for(timeout=60_000)
+    assert list((page_server[1] / "exports").glob("*/adapter.gguf"))
+    screenshot(page, "export", tmp_path)
+    page.get_by_role("tab", name="Ask").click()
+    bad = tmp_path / "adapter.tar.gz"
+    bad.write_bytes(b"not an archive")
+    page.set_input_files("#ask-upload input[type=file]", str(bad))
+    page.get_by_text("not a readable adapter archive").first.wait_for(timeout=30_000)

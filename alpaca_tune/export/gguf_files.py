@@ -16,6 +16,7 @@ module's scale folded into its lora_b and alpha 0 (which llama.cpp reads as "sca
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -39,6 +40,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 def _gguf():
     import gguf
 
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines repeat what the export logs
     return gguf
 
 

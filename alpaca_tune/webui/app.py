@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -206,7 +205,8 @@ class WebUI:
         if not formats:
             raise page_error(ValueError("pick at least one format"))
         weights = self.choices.path_of(label)
-        out = Path(tempfile.mkdtemp(prefix="webui-export-")) / "export"
+        # under outputs/, which the page may serve files from (and where the user finds them again)
+        out = self.outputs_dir / "exports" / time.strftime("%Y%m%d-%H%M%S")
         try:
             files = export(formats, out, weights, self.choices.base_model,
                            ExportOptions(outtype=outtype, progress=False))
@@ -242,6 +242,7 @@ class WebUI:
                         model = gr.Dropdown(choices=labels, value=self.choices.default(), label="model",
                                             elem_id="ask-model")
                         upload = gr.File(label="or upload an adapter archive (adapter.tar.gz)", type="filepath",
+                                         elem_id="ask-upload",
                                          file_types=[".gz", ".tar"], height=110)
                         instruction = gr.Textbox(label="instruction", lines=3, elem_id="ask-instruction")
                         context = gr.Textbox(label="input (optional)", lines=2, elem_id="ask-input")

@@ -69,8 +69,10 @@ class TrainingJob:
             return "cancelled; nothing was kept"
         if self.archive:
             return f"done: {self.archive}"
-        errors = [line for line in self.lines if line.startswith("error:")]
-        return errors[-1] if errors else f"failed (exit status {self.process.returncode}); see the log"
+        starts = [i for i, line in enumerate(self.lines) if line.startswith("error:")]
+        if starts:  # the message and the lines it goes on with (bad records are listed below it)
+            return "\n".join(self.lines[starts[-1]:starts[-1] + 12])
+        return f"failed (exit status {self.process.returncode}); see the log"
 
     def fraction(self) -> float:
         if not self.steps or not self.total_steps:
