@@ -61,6 +61,7 @@ def train(
     seed: int = cog_input(T, "seed"),
     finetune_method: str = cog_input(T, "finetune_method"),
     preset: str = cog_input(T, "preset"),
+    sharding: str = cog_input(T, "sharding"),
     num_devices: int = cog_input(T, "num_devices"),
     export_formats: str = cog_input(T, "export_formats"),
 ) -> TrainingOutput:

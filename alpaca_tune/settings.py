@@ -100,6 +100,10 @@ class TrainSettings:
     preset: str = option("", "A named recipe for the inputs left at their defaults: 'stanford_alpaca' (full "
                              "fine-tuning, lr 2e-5, 3 epochs, cutoff 512, 128 examples per step, weight decay 0, "
                              "warmup ratio 0.03, cosine). Empty: none.", choices=["", "stanford_alpaca"])
+    sharding: str = option("none", "With several processes: 'fsdp' shards each decoder layer's weights (the "
+                                   "frozen base's and LoRA's) over them with PyTorch's FSDP2, for bases that do not "
+                                   "fit one device; 'none': every process holds the whole base.",
+                           choices=["none", "fsdp"])
     num_devices: int = option(0, "Processes to train on, one per GPU, each taking an equal share of every "
                                  "step (0: every visible GPU; one process on a CPU). More than one starts "
                                  "them with torchrun.", ge=0, le=4096)

@@ -81,10 +81,12 @@ def _saved_key(name: str) -> str:
     return name.replace(".default.", ".")
 
 
-def save_adapter(peft_model, adapter_dir: Path, initial: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the PEFT adapter directory and check its contents before anyone relies on it."""
+def save_adapter(peft_model, adapter_dir: Path, initial: dict[str, torch.Tensor] | None = None,
+                 state_dict: dict | None = None) -> Path:
+    """Write the PEFT adapter directory and check its contents before anyone relies on it.
+    state_dict: the model's whole state, when its own parameters are FSDP shards."""
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    peft_model.save_pretrained(str(adapter_dir), safe_serialization=True, state_dict=state_dict)
     verify_adapter_dir(adapter_dir, expected_lora_shapes(peft_model), initial)
     return adapter_dir
 

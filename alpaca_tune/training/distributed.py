@@ -17,6 +17,10 @@ forward, which is where DDP's reducer hooks in; the trainable LoRA weights are a
 once per step with one flattened all_reduce (full fine-tuning's in buckets). Only rank 0 writes (archive, checkpoints, metrics,
 plot); evaluation is split over the ranks and its sums reduced.
 
+sharding=fsdp wraps each decoder layer with FSDP2 (shard_layers), for bases too large for one device;
+FSDP then reduces those layers' gradients itself, and the whole adapter is gathered onto rank 0 to be
+written (full_state_dict), so no rank ever holds the whole base's layers at once.
+
 The backend is NCCL on GPUs and gloo on CPU (how the tests run it). A rank that dies ends the job:
 torchrun stops the others when one exits non-zero. Under Cog (no torchrun), train() with
 num_devices > 1 (or several GPUs visible) starts torchrun on train.py itself (relaunch_command).
@@ -41,6 +45,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    sharded: bool = False  # sharding=fsdp: every rank must run as many forwards as the others
 
     @property
     def is_main(self) -> bool:
@@ -70,8 +75,13 @@ class World:
         if not self.distributed:
             return
         import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
 
-        for bucket in _buckets(parameters):
+        for parameter in parameters:  # FSDP has averaged its shards' gradients: the sum is W times that
+            if isinstance(parameter, DTensor) and parameter.grad is not None:
+                parameter.grad.mul_(self.size)
+        parameters = [p for p in parameters if not isinstance(p, DTensor)]
+        for bucket in _buckets(parameters) if parameters else []:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
             flat = torch.cat([g.reshape(-1).float() for g in grads])
             dist.all_reduce(flat)
@@ -161,3 +171,28 @@ def rank_device(world: World, device: torch.device) -> torch.device:
     if device.type == "cuda" and world.distributed:
         return torch.device("cuda", world.local_rank)
     return device
+
+
+def shard_layers(causal_lm) -> int:
+    """sharding=fsdp: each decoder layer an FSDP2 unit (its weights, frozen and LoRA's, split over the
+    ranks and gathered for its forward and backward). FSDP averages their gradients over the ranks;
+    World.sum_gradients turns that into the sum the step expects (each rank's loss is already its
+    share of the step's mean; gloo has no pre-scaled sum to ask FSDP for). The
+    embeddings, final norm and head stay whole on every rank: loss.py uses the head's weight
+    directly, and a tied head shares it with the embeddings. Returns the number of units."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = causal_lm.get_decoder().layers
+    for layer in layers:
+        fully_shard(layer)
+    return len(layers)
+
+
+def full_state_dict(model) -> dict:
+    """The whole (unsharded) state dict on rank 0, {} on the others; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -10,6 +10,7 @@ fails in seconds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -116,6 +117,16 @@ def _train(settings, world, device, template, base_dir, tokenizer, train_example
         if share_prefix:
             log.info("a preamble shared by a step's rows (the prompt template's) is computed once per step")
         initial = adapter.snapshot_lora(model)
+    if settings.sharding == "fsdp" and world.distributed:
+        if full:
+            raise ModelError("sharding=fsdp shards LoRA training for now; full fine-tuning runs with sharding=none")
+        if settings.save_steps or settings.resume_from_checkpoint:
+            raise ModelError("sharding=fsdp does not write or resume checkpoints yet; use save_steps=0 without "
+                             "resume_from_checkpoint, or sharding=none")
+        share_prefix = fast.switched_on["shared_preamble"] = False  # its preamble pass is not FSDP's
+        log.info("FSDP2: %d decoder layers sharded over %d processes", distributed.shard_layers(causal_lm),
+                 world.size)
+        world = dataclasses.replace(world, sharded=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if full:
         log.info("full fine-tuning: %s trainable parameters (fp32 weights%s)", f"{trainable:,}",
@@ -124,7 +135,7 @@ def _train(settings, world, device, template, base_dir, tokenizer, train_example
         log.info("LoRA: %s trainable parameters (r=%d, alpha=%d, targets=%s)", f"{trainable:,}",
                  settings.lora_rank, settings.lora_alpha, settings.lora_target_modules)
     ran = {"device": str(device), "base_dtype": str(base_dtype).removeprefix("torch."),
-           "finetune_method": settings.finetune_method, "processes": world.size,
+           "finetune_method": settings.finetune_method, "processes": world.size, "sharding": settings.sharding,
            "attention": causal_lm.config._attn_implementation, "fast_paths": fast.switched_on,
            "machine": machine.describe()}
     if settings.precision == "auto" and device.type == "cpu":
@@ -155,11 +166,16 @@ def _train(settings, world, device, template, base_dir, tokenizer, train_example
     with removed_on_failure(output_dir) if world.is_main else contextlib.nullcontext():
         model.train()
         for step in range(start_step, total_steps):
-            batches = [make_batch([train_examples[i] for i in indices], settings.packing, pad_id)
-                       for indices in world.share(plan.step(step), settings.gradient_accumulation_steps)]
+            step_batches = plan.step(step)
+            mine = world.share(step_batches, settings.gradient_accumulation_steps)
+            batches = [make_batch([train_examples[i] for i in indices], settings.packing, pad_id) for indices in mine]
+            idle = []
+            if world.sharded:  # as many forwards as rank 0, whose share is the fullest
+                first = make_batch([train_examples[i] for i in step_batches[0]], settings.packing, pad_id)
+                idle = [first] * (min(settings.gradient_accumulation_steps, len(step_batches)) - len(mine))
             loss, lr, tokens, slots = optimizer_step(model, causal_lm, batches, optimizer, scheduler,
                                                      settings.max_grad_norm, device, fast.compute, share_prefix,
-                                                     world)
+                                                     world, idle)
             done = step + 1
             meter.step_done(done, loss, lr, tokens, history)
             history[-1]["padded_tokens"] = slots
@@ -180,7 +196,8 @@ def _train(settings, world, device, template, base_dir, tokenizer, train_example
                 causal_lm, val_examples, settings.train_batch_size, settings.packing, pad_id, device, fast.compute,
                 world)})
             log.info("final eval loss %.4f", evals[-1]["eval_loss"])
+        state = distributed.full_state_dict(model) if world.sharded else None  # every rank takes part
         if not world.is_main:
             return None
         return write_outputs(settings, output_dir, model, initial, template, causal_lm, ran, history, evals,
-                             data_stats, meter, started, start_step, tokenizer)
+                             data_stats, meter, started, start_step, tokenizer, state)

@@ -59,7 +59,8 @@ def removed_on_failure(output_dir: Path):
 
 
 def write_outputs(settings, output_dir, model, initial, template, causal_lm, ran: dict, history, evals,
-                  data_stats, meter, started, start_step, tokenizer=None) -> TrainResult:
+                  data_stats, meter, started, start_step, tokenizer=None, state_dict=None) -> TrainResult:
+    """state_dict: the whole model's, gathered from the ranks when its layers are sharded (FSDP)."""
     """`ran`: what actually ran (device, dtype, attention, each fast path), for training_config.json."""
     import peft
     import transformers
@@ -72,7 +73,7 @@ def write_outputs(settings, output_dir, model, initial, template, causal_lm, ran
     if full:
         adapter.save_full_model(causal_lm, tokenizer, adapter_dir, initial if start_step == 0 else {})
     else:
-        adapter.save_adapter(model, adapter_dir, initial if start_step == 0 else None)
+        adapter.save_adapter(model, adapter_dir, initial if start_step == 0 else None, state_dict)
     wall = time.perf_counter() - started
     metrics = {"history": history, "evals": evals,
                "final_train_loss": history[-1]["loss"] if history else None,

@@ -30,7 +30,15 @@ def evaluate(causal_lm, examples: list[Example], batch_size: int, packing: bool,
     causal_lm.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     total, count = 0.0, 0
-    for start in list(range(0, len(order), batch_size))[world.rank::world.size]:
+    starts = list(range(0, len(order), batch_size))
+    mine = starts[world.rank::world.size]
+    if world.sharded:  # FSDP gathers each layer in every rank's forward: all run as many
+        mine += [None] * (-(-len(starts) // world.size) - len(mine))
+    for start in mine:
+        if start is None:
+            with compute():
+                label_loss(causal_lm, _to(make_batch([examples[order[0]]], packing, pad_id), device))
+            continue
         batch = make_batch([examples[i] for i in order[start:start + batch_size]], packing, pad_id)
         with compute():
             loss_sum, n = label_loss(causal_lm, _to(batch, device))
@@ -59,11 +67,17 @@ def make_optimizer(peft_model, settings: TrainSettings, total_steps: int):
 def optimizer_step(model, causal_lm, batches: list[dict[str, torch.Tensor]], optimizer, scheduler,
                    max_grad_norm: float, device: torch.device,
                    compute=contextlib.nullcontext,
-                   share_prefix: bool = False, world: World = ONE) -> tuple[float, float, int, int]:
+                   share_prefix: bool = False, world: World = ONE,
+                   idle: list[dict[str, torch.Tensor]] = ()) -> tuple[float, float, int, int]:
     """One optimizer step over its micro-batches (this rank's share of them): (mean loss per target
-    token, the lr used, real tokens, computed tokens including padding), all over the world."""
+    token, the lr used, real tokens, computed tokens including padding), all over the world. `idle`:
+    micro-batches run with weight 0, so that under FSDP every rank runs as many as the others."""
     step_targets = int(world.sum([sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)])[0])
     loss, tokens, slots = accumulate_gradients(causal_lm, batches, device, compute, share_prefix, step_targets)
+    for batch in idle:
+        with compute():
+            loss_sum, _ = label_loss(causal_lm, _to(batch, device))
+        (loss_sum * 0).backward()
     world.sum_gradients([p for p in model.parameters() if p.requires_grad])
     loss, tokens, slots = world.sum([loss, tokens, slots])
     tokens, slots = int(tokens), int(slots)

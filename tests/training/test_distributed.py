@@ -144,3 +144,19 @@ def test_cog_train_with_num_devices_starts_torchrun_itself(tmp_path, data, tiny_
         tar.extractall(tmp_path / "two", filter="data")
     run(command(data, tiny_model_dir, tmp_path / "one", 1, 2, "--max_steps", "4"))
     assert_same(adapter(tmp_path / "two"), adapter(tmp_path / "one"))
+
+
+def test_fsdp_sharded_layers_give_the_one_process_adapter(tmp_path, data, tiny_model_dir):
+    """sharding=fsdp: each decoder layer an FSDP2 unit over 2 gloo processes; the adapter gathered on
+    rank 0 equals a 1-process run's, through an epoch's short last step (one rank idle) too."""
+    sharded = run(command(data, tiny_model_dir, tmp_path / "fsdp", 2, 1, "--max_steps", "11", "--sharding", "fsdp"))
+    run(command(data, tiny_model_dir, tmp_path / "one", 1, 2, "--max_steps", "11"))
+    assert_same(adapter(tmp_path / "fsdp"), adapter(tmp_path / "one"))
+    assert "FSDP2: 2 decoder layers sharded over 2 processes" in sharded.stderr
+    config = json.loads((tmp_path / "fsdp" / "training_config.json").read_text())
+    assert config["ran"]["sharding"] == "fsdp" and config["ran"]["processes"] == 2
+    refused = subprocess.run(command(data, tiny_model_dir, tmp_path / "refused", 2, 1, "--max_steps", "4",
+                                     "--sharding", "fsdp", "--save_steps", "2"),
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "sharding=fsdp does not write or resume checkpoints yet" in refused.stderr
+    assert not (tmp_path / "refused").exists()
