@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import shutil
 import struct
 from pathlib import Path
@@ -118,7 +119,7 @@ def write_meta(model: MergedModel, shape: LlamaShape, out_dir: Path, shards: int
     offsets = [_reserve(path, entries) for path, entries in zip(paths, layout)]
     files = [open(path, "r+b") for path in paths]
     try:
-        total = sum(_numel(model.shape(n)) * model.output_dtype(n).itemsize for n in model.names())
+        total = sum(math.prod(model.shape(n)) * model.output_dtype(n).itemsize for n in model.names())
         with progress_bar(total, "meta", progress) as bar:
             for name, tensor in model.tensors():
                 bar.set_postfix_str(name.removeprefix("model."), refresh=False)
@@ -161,13 +162,6 @@ def _reserve(path: Path, entries: list[tuple[str, tuple, torch.dtype]]) -> dict[
             name_length, extra_length = struct.unpack("<HH", raw.read(4))
             rooms[name] = (info.header_offset + 30 + name_length + extra_length, info.file_size)
     return rooms
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def write_tokenizer_model(base_dir: Path, out_dir: Path, shape: LlamaShape) -> Path | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..adapter_files import ARCHIVE_NAME
 from ..base_model import PROJECT_ROOT
+from ..settings import TrainSettings, to_args
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+)\s+loss ([0-9.]+).*?ETA (\S+)")
 EVAL_LINE = re.compile(r"(?:final )?eval loss ([0-9.]+)")
@@ -35,9 +36,9 @@ class TrainingJob:
 
     @classmethod
     def start(cls, arguments: dict[str, object], output_dir: Path) -> TrainingJob:
-        command = [sys.executable, str(PROJECT_ROOT / "train.py"), "--output_dir", str(output_dir)]
-        for name, value in arguments.items():
-            command += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+        """train.py with these settings (TrainSettings fields; the rest at their defaults)."""
+        settings = TrainSettings(**arguments, output_dir=str(output_dir))
+        command = [sys.executable, str(PROJECT_ROOT / "train.py"), *to_args(settings)]
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, bufsize=1)
         job = cls(output_dir, process)
