@@ -99,9 +99,9 @@ class TrainSettings:
                                   choices=["lora", "full"])
     preset: str = option("", "A named recipe for the inputs left at their defaults: 'stanford_alpaca' (full "
                              "fine-tuning, lr 2e-5, 3 epochs, cutoff 512, 128 examples per step, weight decay 0, "
-                             "warmup ratio 0.03, cosine). Empty: none.", choices=["", "stanford_alpaca"])
+                             "warmup ratio 0.03, cosine, sharding fsdp). Empty: none.", choices=["", "stanford_alpaca"])
     sharding: str = option("none", "With several processes: 'fsdp' shards each decoder layer's weights (the "
-                                   "frozen base's and LoRA's) over them with PyTorch's FSDP2, for bases that do not "
+                                   "frozen base's and LoRA's, or all in full fine-tuning) over them with PyTorch's FSDP2, for bases that do not "
                                    "fit one device; 'none': every process holds the whole base.",
                            choices=["none", "fsdp"])
     num_devices: int = option(0, "Processes to train on, one per GPU, each taking an equal share of every "
@@ -220,7 +220,8 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
 # ratio 0.03, cosine, max length 512. The step keeps 128 examples whatever the process count.
 PRESETS = {"stanford_alpaca": {"finetune_method": "full", "learning_rate": 2e-5, "num_train_epochs": 3.0,
                                "cutoff_len": 512, "weight_decay": 0.0, "warmup_ratio": 0.03, "lr_scheduler": "cosine",
-                               "train_batch_size": 4, "examples_per_step": 128}}
+                               "train_batch_size": 4, "examples_per_step": 128,
+                               "sharding": "fsdp"}}  # their --fsdp "full_shard auto_wrap" (no-op on 1 process)
 
 
 def apply_preset(settings, processes: int = 1):

@@ -91,21 +91,26 @@ def save_adapter(peft_model, adapter_dir: Path, initial: dict[str, torch.Tensor]
     return adapter_dir
 
 
-def fingerprint(model) -> dict[str, float]:
+def fingerprint(model, state_dict: dict | None = None) -> dict[str, float]:
     """Full fine-tuning: each weight's sum, to prove later that training changed the model
-    without keeping a second copy of it."""
+    without keeping a second copy of it (state_dict: the model's, gathered when it is sharded)."""
+    if state_dict is not None:
+        names = [name for name, _ in model.named_parameters()]
+        return {n: float(state_dict[n].double().sum()) for n in names if n in state_dict}
     return {n: float(p.detach().double().sum()) for n, p in model.named_parameters()}
 
 
-def save_full_model(causal_lm, tokenizer, model_dir: Path, initial: dict[str, float]) -> Path:
+def save_full_model(causal_lm, tokenizer, model_dir: Path, initial: dict[str, float],
+                    state_dict: dict | None = None) -> Path:
     """Full fine-tuning's output: the whole model (safetensors, config, generation config) and the
-    tokenizer, loadable with from_pretrained and servable as a base; refused if no weight moved."""
-    after = fingerprint(causal_lm)
+    tokenizer, loadable with from_pretrained and servable as a base; refused if no weight moved.
+    state_dict: the model's whole state, when its own parameters are FSDP shards."""
+    after = fingerprint(causal_lm, state_dict)
     if after == initial:
         raise ArtifactError(f"{model_dir}: no weight moved from the base's; training did not update the model")
     model_dir.mkdir(parents=True, exist_ok=True)
     causal_lm.config.use_cache = True  # as a served model wants it
-    causal_lm.save_pretrained(str(model_dir), safe_serialization=True)
+    causal_lm.save_pretrained(str(model_dir), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(model_dir))
     return model_dir
 

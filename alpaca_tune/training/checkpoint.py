@@ -8,12 +8,19 @@
                                    (one per rank: torch.rank<R>, when several processes trained)
 A resumed run recomputes the data order from (seed, epoch) and skips what was consumed, so it
 ends with the same adapter as a run that was never interrupted.
+
+Under sharding=fsdp the weights and optimizer state are gathered onto rank 0 (its CPU memory) and
+written in this same layout, so a checkpoint resumes with or without sharding, on any number of
+processes whose accumulation gives the same micro-batches per step. Resuming reads the weights into
+the model before its layers are sharded and the optimizer state after the optimizer exists (each
+rank then keeps its own shard of the moments).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,16 +42,20 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(path: Path, peft_model, optimizer, scheduler, step: int, metrics: dict,
-                    rng_states: list[torch.Tensor] | None = None, micro_batches_per_step: int | None = None) -> None:
+                    rng_states: list[torch.Tensor] | None = None, micro_batches_per_step: int | None = None,
+                    gathered: tuple[dict, dict] | None = None) -> None:
     """rng_states: every rank's generator state (the LoRA weights and optimizer state are the same
     on every rank); micro_batches_per_step: what one step took over all ranks, which a resume must
-    keep for the same data order."""
+    keep for the same data order; gathered: (model state, optimizer state) gathered from the ranks
+    when the layers are sharded (distributed.full_state_dicts)."""
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     subdir = ADAPTER_SUBDIR if is_peft(peft_model) else MODEL_SUBDIR
-    peft_model.save_pretrained(str(partial / subdir), safe_serialization=True)
-    opt_state = optimizer.state_dict()
+    model_state, opt_state = gathered if gathered else (None, optimizer.state_dict())
+    peft_model.save_pretrained(str(partial / subdir), safe_serialization=True, state_dict=model_state)
+    if gathered:
+        opt_state = _indexed(opt_state)
     tensors = {f"state.{index}.{name}": value.contiguous()
                for index, slots in opt_state["state"].items() for name, value in slots.items()}
     save_file(tensors, str(partial / "optimizer.safetensors"))
@@ -62,12 +73,24 @@ def save_checkpoint(path: Path, peft_model, optimizer, scheduler, step: int, met
     partial.rename(path)  # a checkpoint dir either is complete or does not exist
 
 
-def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: dict, world=None,
-                    micro_batches_per_step: int | None = None) -> tuple[int, dict]:
-    """Restore everything saved; returns (step, metrics so far). A checkpoint that is incomplete,
-    unreadable, made with other LoRA settings or for another base (`base_shapes`: the base's
-    parameter shapes), or with another number of micro-batches per step (accumulation x processes)
-    is a CheckpointError naming the file. A checkpoint written by N processes resumes on M."""
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    state: dict  # trainer_state.json
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def metrics(self) -> dict:
+        return self.state["metrics"]
+
+
+def open_checkpoint(path: Path, micro_batches_per_step: int | None = None) -> Checkpoint:
+    """The checkpoint's trainer state, read and checked: a directory that is not a checkpoint, or
+    one made with another number of micro-batches per step (accumulation x processes), is a
+    CheckpointError saying what to do. A checkpoint written by N processes resumes on M."""
     where = f"resume_from_checkpoint={str(path)!r}"
     state_file = path / STATE_FILE
     if not state_file.is_file():
@@ -75,7 +98,7 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: d
                               f"OUTPUT/checkpoints/step-000050")
     try:
         state = json.loads(state_file.read_text())
-        step, metrics = int(state["step"]), state["metrics"]
+        int(state["step"]), state["metrics"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{state_file}: not a readable trainer state ({err})") from None
     saved_per_step = state.get("micro_batches_per_step")
@@ -86,13 +109,24 @@ def load_checkpoint(path: Path, peft_model, optimizer, scheduler, base_shapes: d
             f"{saved_per_step // max(size, 1)} accumulation); this run takes {micro_batches_per_step}. Resume with "
             f"gradient_accumulation_steps x processes = {saved_per_step} (e.g. --gradient_accumulation_steps "
             f"{saved_per_step} on one process) to keep the data order")
+    return Checkpoint(path, state)
+
+
+def load_weights(checkpoint: Checkpoint, peft_model, base_shapes: dict) -> None:
+    """The adapter (or, full fine-tuning, the whole model) at that step, into the model before its
+    layers are sharded. One made for another base (`base_shapes`: the base's parameter shapes) or
+    with other LoRA settings is a CheckpointError naming the file."""
     if not is_peft(peft_model):
-        _load_full_model(path, peft_model)
+        _load_full_model(checkpoint.path, peft_model)
     else:
-        _load_adapter(path, where, peft_model, base_shapes)
-    _load_optimizer(path, state, optimizer, scheduler)
-    _load_rng(path, state, world)
-    return step, metrics
+        _load_adapter(checkpoint.path, f"resume_from_checkpoint={str(checkpoint.path)!r}", peft_model, base_shapes)
+
+
+def load_training_state(checkpoint: Checkpoint, model, optimizer, scheduler, world=None) -> None:
+    """Optimizer moments, schedule and this rank's generator, into a run whose optimizer exists
+    (its parameters sharded or not: world.sharded)."""
+    _load_optimizer(checkpoint.path, checkpoint.state, model, optimizer, scheduler, world)
+    _load_rng(checkpoint.path, checkpoint.state, world)
 
 
 def is_peft(model) -> bool:
@@ -145,7 +179,7 @@ def _load_adapter(path: Path, where: str, peft_model, base_shapes: dict) -> None
                               f"lora_target_modules")
 
 
-def _load_optimizer(path: Path, state: dict, optimizer, scheduler) -> None:
+def _load_optimizer(path: Path, state: dict, model, optimizer, scheduler, world) -> None:
     flat = _read_tensors(path / "optimizer.safetensors")
     slots: dict[int, dict] = {}
     for key, value in flat.items():
@@ -155,10 +189,43 @@ def _load_optimizer(path: Path, state: dict, optimizer, scheduler) -> None:
                                   f"state.<index>.<name>)")
         slots.setdefault(int(parts[1]), {})[parts[2]] = value
     try:
-        optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+        if getattr(world, "sharded", False):
+            _load_sharded_optimizer(model, optimizer, slots, state["param_groups"])
+        else:
+            optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
         scheduler.load_state_dict(state["scheduler"])
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, IndexError) as err:
         raise CheckpointError(f"{path}: optimizer state does not fit this run: {err}") from None
+
+
+def _indexed(full: dict) -> dict:
+    """A gathered optimizer state (keyed by parameter name, torch.distributed.checkpoint's form) in
+    torch.optim's own form (keyed by the parameter's index in the optimizer), as checkpoints keep it."""
+    names = [name for group in full["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    groups, start = [], 0
+    for group in full["param_groups"]:
+        groups.append({**group, "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
+    return {"state": {index[name]: slots for name, slots in full["state"].items()}, "param_groups": groups}
+
+
+def _load_sharded_optimizer(model, optimizer, slots: dict[int, dict], param_groups: list[dict]) -> None:
+    """The inverse of _indexed, handed to set_optimizer_state_dict: every rank reads the whole state
+    and keeps its own shard of each moment."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved = sum(len(group["params"]) for group in param_groups)
+    if saved != len(names) or len(param_groups) != len(optimizer.param_groups):
+        raise ValueError(f"{saved} parameters saved, this run trains {len(names)}")
+    groups = [{**group, "params": [names[i] for i in group["params"]]} for group in param_groups]
+    full = {"state": {names[i]: value for i, value in slots.items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
 def _load_rng(path: Path, state: dict, world) -> None:

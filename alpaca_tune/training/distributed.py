@@ -18,8 +18,9 @@ once per step with one flattened all_reduce (full fine-tuning's in buckets). Onl
 plot); evaluation is split over the ranks and its sums reduced.
 
 sharding=fsdp wraps each decoder layer with FSDP2 (shard_layers), for bases too large for one device;
-FSDP then reduces those layers' gradients itself, and the whole adapter is gathered onto rank 0 to be
-written (full_state_dict), so no rank ever holds the whole base's layers at once.
+FSDP then reduces those layers' gradients itself, and the whole adapter (or, full fine-tuning, the
+whole model) and for checkpoints the optimizer state are gathered onto rank 0's CPU to be written
+(full_state_dict, full_state_dicts), layer by layer, so no rank's device holds the whole base's layers.
 
 The backend is NCCL on GPUs and gloo on CPU (how the tests run it). A rank that dies ends the job:
 torchrun stops the others when one exits non-zero. Under Cog (no torchrun), train() with
@@ -189,10 +190,52 @@ def shard_layers(causal_lm) -> int:
 
 
 def full_state_dict(model) -> dict:
-    """The whole (unsharded) state dict on rank 0, {} on the others; every rank must call it."""
+    """The trained weights (LoRA's; every weight in full fine-tuning), unsharded, on rank 0's CPU;
+    {} on the others. The frozen base is left out: rank 0 never holds it whole. Every rank must call it."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
     )
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=True))
+    if state:
+        log.info("gathered onto rank 0: %d trained tensors, %.1f MB", len(state),
+                 sum(t.numel() * t.element_size() for t in state.values()) / 1e6)
+    return state
+
+
+def full_state_dicts(model, optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state keyed by parameter name), whole, on rank 0's CPU; ({}, {}) on
+    the others. Every rank must call it: each layer's shards are gathered in turn."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return full_state_dict(model), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over parameters of which some may be FSDP shards (DTensors)
+    and some whole (embeddings, head): torch's own function cannot stack the two kinds of norm, so
+    each kind's norm is taken apart (a shard's over all ranks) and the two combined."""
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import get_total_norm
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    whole = [g for g in grads if not isinstance(g, DTensor)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    norms = [get_total_norm(sharded).full_tensor()]
+    if whole:
+        norms.append(get_total_norm(whole).to(norms[0].device))
+    total = get_total_norm(norms)
+    # torch's coefficient; as a number, since a DTensor cannot be multiplied by a plain tensor
+    coefficient = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    with torch.no_grad():
+        for grad in grads:
+            grad.mul_(coefficient)
+    return total

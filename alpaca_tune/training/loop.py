@@ -26,7 +26,13 @@ from ..data.records import DataError, load_records, split_records
 from ..data.tokenization import tokenize_records
 from ..settings import TrainSettings, apply_preset, validate
 from . import adapter, distributed
-from .checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    checkpoint_dir,
+    load_training_state,
+    load_weights,
+    open_checkpoint,
+    save_checkpoint,
+)
 from .cpu.shared_prefix import shared_prefix_usable
 from .fast_paths import FastPaths, switch_on_fast_paths, wanted
 from .model import ModelError, attach_lora, load_frozen_base, make_fully_trainable
@@ -117,12 +123,13 @@ def _train(settings, world, device, template, base_dir, tokenizer, train_example
         if share_prefix:
             log.info("a preamble shared by a step's rows (the prompt template's) is computed once per step")
         initial = adapter.snapshot_lora(model)
+    # the world's step: gradient_accumulation_steps micro-batches on each rank
+    per_step = settings.gradient_accumulation_steps * world.size
+    resume = None
+    if settings.resume_from_checkpoint:  # weights first, while every rank holds its whole model
+        resume = open_checkpoint(Path(settings.resume_from_checkpoint), per_step)
+        load_weights(resume, model, base_shapes)
     if settings.sharding == "fsdp" and world.distributed:
-        if full:
-            raise ModelError("sharding=fsdp shards LoRA training for now; full fine-tuning runs with sharding=none")
-        if settings.save_steps or settings.resume_from_checkpoint:
-            raise ModelError("sharding=fsdp does not write or resume checkpoints yet; use save_steps=0 without "
-                             "resume_from_checkpoint, or sharding=none")
         share_prefix = fast.switched_on["shared_preamble"] = False  # its preamble pass is not FSDP's
         log.info("FSDP2: %d decoder layers sharded over %d processes", distributed.shard_layers(causal_lm),
                  world.size)
@@ -141,8 +148,6 @@ def _train(settings, world, device, template, base_dir, tokenizer, train_example
     if settings.precision == "auto" and device.type == "cpu":
         ran["precision_probe"] = cpu_auto_dtype()[1]  # the timings auto chose by
 
-    # the world's step: gradient_accumulation_steps micro-batches on each rank
-    per_step = settings.gradient_accumulation_steps * world.size
     plan = StepPlan([len(e) for e in train_examples], settings.train_batch_size, per_step, settings.seed,
                     settings.group_by_length)
     total_steps = plan.total_steps(settings.num_train_epochs, settings.max_steps)
@@ -150,10 +155,9 @@ def _train(settings, world, device, template, base_dir, tokenizer, train_example
     history: list[dict] = []
     evals: list[dict] = []
     start_step = 0
-    if settings.resume_from_checkpoint:
-        start_step, saved = load_checkpoint(Path(settings.resume_from_checkpoint), model, optimizer,
-                                            scheduler, base_shapes, world, per_step)
-        history, evals = saved["history"], saved["evals"]
+    if resume:
+        load_training_state(resume, model, optimizer, scheduler, world)
+        start_step, history, evals = resume.step, resume.metrics["history"], resume.metrics["evals"]
         log.info("resumed from %s at step %d", settings.resume_from_checkpoint, start_step)
 
     pad_id = tokenizer.pad_token_id
@@ -185,9 +189,10 @@ def _train(settings, world, device, template, base_dir, tokenizer, train_example
                 log.info("step %d/%d  eval loss %.4f", done, total_steps, evals[-1]["eval_loss"])
             if settings.save_steps and done % settings.save_steps == 0 and done < total_steps:
                 rng_states = world.gather(torch.get_rng_state())  # each rank's dropout continues its own
+                gathered = distributed.full_state_dicts(model, optimizer) if world.sharded else None
                 if world.is_main:
                     save_checkpoint(checkpoint_dir(output_dir, done), model, optimizer, scheduler, done,
-                                    {"history": history, "evals": evals}, rng_states, per_step)
+                                    {"history": history, "evals": evals}, rng_states, per_step, gathered)
                     log.info("checkpoint saved: %s", checkpoint_dir(output_dir, done))
                 world.barrier()  # no rank runs ahead of a checkpoint that is not there yet
 

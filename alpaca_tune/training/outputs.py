@@ -60,8 +60,8 @@ def removed_on_failure(output_dir: Path):
 
 def write_outputs(settings, output_dir, model, initial, template, causal_lm, ran: dict, history, evals,
                   data_stats, meter, started, start_step, tokenizer=None, state_dict=None) -> TrainResult:
-    """state_dict: the whole model's, gathered from the ranks when its layers are sharded (FSDP)."""
-    """`ran`: what actually ran (device, dtype, attention, each fast path), for training_config.json."""
+    """`ran`: what actually ran (device, dtype, attention, each fast path), for training_config.json;
+    state_dict: the whole model's, gathered from the ranks when its layers are sharded (FSDP)."""
     import peft
     import transformers
 
@@ -71,7 +71,7 @@ def write_outputs(settings, output_dir, model, initial, template, causal_lm, ran
     # A resumed run may legitimately start from a trained adapter, so only a fresh run demands
     # that the weights moved from their initial values.
     if full:
-        adapter.save_full_model(causal_lm, tokenizer, adapter_dir, initial if start_step == 0 else {})
+        adapter.save_full_model(causal_lm, tokenizer, adapter_dir, initial if start_step == 0 else {}, state_dict)
     else:
         adapter.save_adapter(model, adapter_dir, initial if start_step == 0 else None, state_dict)
     wall = time.perf_counter() - started

@@ -11,7 +11,7 @@ from ..data.batching import make_batch
 from ..data.tokenization import IGNORE_INDEX, Example
 from ..settings import TrainSettings
 from .cpu.shared_prefix import plan_shared_prefix
-from .distributed import ONE, World
+from .distributed import ONE, World, clip_grad_norm
 from .loss import label_loss
 
 
@@ -82,7 +82,11 @@ def optimizer_step(model, causal_lm, batches: list[dict[str, torch.Tensor]], opt
     loss, tokens, slots = world.sum([loss, tokens, slots])
     tokens, slots = int(tokens), int(slots)
     if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if world.sharded:  # shards and whole weights side by side (full fine-tuning's embeddings)
+            clip_grad_norm(trainable, max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()

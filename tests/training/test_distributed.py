@@ -153,10 +153,25 @@ def test_fsdp_sharded_layers_give_the_one_process_adapter(tmp_path, data, tiny_m
     run(command(data, tiny_model_dir, tmp_path / "one", 1, 2, "--max_steps", "11"))
     assert_same(adapter(tmp_path / "fsdp"), adapter(tmp_path / "one"))
     assert "FSDP2: 2 decoder layers sharded over 2 processes" in sharded.stderr
+    lora = adapter(tmp_path / "one")  # only the adapter is gathered, never the frozen base
+    assert f"gathered onto rank 0: {len(lora)} trained tensors" in sharded.stderr
     config = json.loads((tmp_path / "fsdp" / "training_config.json").read_text())
     assert config["ran"]["sharding"] == "fsdp" and config["ran"]["processes"] == 2
-    refused = subprocess.run(command(data, tiny_model_dir, tmp_path / "refused", 2, 1, "--max_steps", "4",
-                                     "--sharding", "fsdp", "--save_steps", "2"),
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "sharding=fsdp does not write or resume checkpoints yet" in refused.stderr
-    assert not (tmp_path / "refused").exists()
+
+
+def test_fsdp_checkpoints_resume_sharded_and_unsharded_to_the_same_adapter(tmp_path, data, tiny_model_dir):
+    """A sharded run's checkpoint (weights and AdamW moments gathered onto rank 0) resumes on 2
+    sharded processes and on 1 process without sharding, both to the uninterrupted adapter."""
+    steps = ["--max_steps", "8", "--save_steps", "2", "--lora_target_modules", "q_proj,v_proj,down_proj"]
+    whole = tmp_path / "whole"
+    run(command(data, tiny_model_dir, whole, 2, 1, *steps, "--sharding", "fsdp"))
+    checkpoint = whole / "checkpoints" / "step-000004"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 4
+    moments = load_file(str(checkpoint / "optimizer.safetensors"))
+    assert len([k for k in moments if k.endswith(".exp_avg")]) == len(adapter(whole))  # every LoRA weight's
+    run(command(data, tiny_model_dir, tmp_path / "sharded", 2, 1, *steps, "--sharding", "fsdp",
+                "--resume_from_checkpoint", str(checkpoint)))
+    assert_same(adapter(tmp_path / "sharded"), adapter(whole))
+    run(command(data, tiny_model_dir, tmp_path / "one", 1, 2, *steps, "--resume_from_checkpoint", str(checkpoint)))
+    assert_same(adapter(tmp_path / "one"), adapter(whole))

@@ -80,7 +80,7 @@ def test_stanford_alpaca_preset_fills_what_is_left_at_defaults(tiny_model_dir):
     assert (chosen.finetune_method, chosen.num_train_epochs, chosen.cutoff_len, chosen.lr_scheduler) == \
         ("full", 3.0, 512, "cosine")
     assert chosen.learning_rate == 1e-4  # set by the user: kept
-    assert chosen.warmup_ratio == 0.03 and chosen.weight_decay == 0.0
+    assert chosen.warmup_ratio == 0.03 and chosen.weight_decay == 0.0 and chosen.sharding == "fsdp"
     assert chosen.train_batch_size * chosen.gradient_accumulation_steps * 2 == 128
 
 
@@ -94,15 +94,23 @@ def test_quantized_full_fine_tuning_is_refused(settings):
 
 
 @pytest.mark.slow
-def test_two_process_full_fine_tuning_equals_one(tmp_path, settings, tiny_model_dir):
+def test_two_process_full_fine_tuning_equals_one_with_and_without_fsdp(tmp_path, settings, tiny_model_dir):
+    """2 processes (plain, and with each decoder layer sharded) = 1 process at twice the accumulation;
+    the sharded run's step-2 checkpoint resumes sharded to the same model."""
     args = ["--train_data", settings.train_data, "--base_model", str(tiny_model_dir), "--finetune_method", "full",
             "--precision", "fp32", "--learning_rate", "1e-3", "--max_steps", "4", "--train_batch_size", "2",
             "--warmup_steps", "0", "--val_set_size", "2", "--seed", "3"]
-    for out, launch, accumulation in (("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], 1),
-                                      ("one", [], 2)):
+    two = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    sharded = ["--sharding", "fsdp", "--save_steps", "2"]
+    runs = (("two", two, 1, []), ("one", [], 2, []), ("fsdp", two, 1, sharded),
+            ("resumed", two, 1, [*sharded, "--resume_from_checkpoint",
+                                 str(tmp_path / "fsdp" / "checkpoints" / "step-000002")]))
+    for out, launch, accumulation, extra in runs:
         done = subprocess.run([sys.executable, *launch, str(ROOT / "train.py"), *args, "--output_dir",
-                               str(tmp_path / out), "--gradient_accumulation_steps", str(accumulation)],
+                               str(tmp_path / out), "--gradient_accumulation_steps", str(accumulation), *extra],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-    a, b = (load_file(str(tmp_path / out / "model" / "model.safetensors")) for out in ("two", "one"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    models = {out: load_file(str(tmp_path / out / "model" / "model.safetensors")) for out, *_ in runs}
+    for out in ("two", "fsdp", "resumed"):
+        assert models[out].keys() == models["one"].keys()
+        assert max((models[out][k] - models["one"][k]).abs().max().item() for k in models["one"]) < 1e-6, out
