@@ -13,9 +13,11 @@ flips between ~30 and ~50 GB/s from one second to the next. Reported: time to fi
 reached, each run against its own bound and against the highest bandwidth seen in the run (the
 strictest reading); medians over the runs. EOS is ignored so both sides generate exactly the
 same count.
-With --batch N, two more rows: N requests at once through the Predictor's scheduler
-(serving/scheduler.py: one batched step a token for all of them) and `generate` with N prompts
-in one call; both report aggregate tokens/s.
+With --batch N, more rows: N requests at once through the Predictor's scheduler
+(serving/scheduler.py: one batched step a token for all of them), `generate` with N prompts in
+one call, and the transformers path (serving/transformers_decoder.py: what a GPU or a non-Llama
+model is served by) alone and with N requests through the scheduler (one padded batch a step);
+the batch rows report aggregate tokens/s.
 """
 
 from __future__ import annotations
@@ -156,8 +158,12 @@ def main() -> None:
     with torch.inference_mode():
         decoders = [("ours", time_ours, served.decoder), ("hf-generate", time_hf, model)]
         if args.batch:
+            via_transformers = InstructModel(TransformersDecoder(model), tokenizer, None)
             decoders += [(f"ours x{args.batch}", functools.partial(time_ours_batched, batch=args.batch), served),
-                         (f"hf-generate x{args.batch}", hf_batch, model)]
+                         (f"hf-generate x{args.batch}", hf_batch, model),
+                         ("tf-path", time_ours, via_transformers.decoder),
+                         (f"tf-path x{args.batch}", functools.partial(time_ours_batched, batch=args.batch),
+                          via_transformers)]
         for name, timer, subject in decoders:
             timer(subject, prompt_ids, 8)  # warm-up
             runs = []
@@ -185,6 +191,10 @@ def main() -> None:
         batched = rows[f"ours x{args.batch}"][1]
         print(f"ours x{args.batch} / ours: {batched / rows['ours'][1]:.2f}x aggregate tokens/s; "
               f"ours x{args.batch} / hf-generate x{args.batch}: {batched / rows[f'hf-generate x{args.batch}'][1]:.2f}x")
+        tf_batched = rows[f"tf-path x{args.batch}"][1]
+        print(f"tf-path x{args.batch} / tf-path: {tf_batched / rows['tf-path'][1]:.2f}x aggregate tokens/s; "
+              f"tf-path x{args.batch} / hf-generate x{args.batch}: "
+              f"{tf_batched / rows[f'hf-generate x{args.batch}'][1]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -126,3 +126,23 @@ def drain(answer) -> list:
     import asyncio
 
     return list(asyncio.run(answer))
+
+
+@pytest.fixture(scope="session")
+def trained_adapters(tmp_path_factory, tiny_model_dir) -> dict:
+    """Two adapters trained here (different data order, rank, targets): name -> TrainResult
+    (.archive: train.py's archive, .adapter_dir: the adapter directory)."""
+    from alpaca_tune.settings import TrainSettings
+    from alpaca_tune.training.loop import run_training
+
+    directory = tmp_path_factory.mktemp("adapters")
+    data = directory / "data.json"
+    data.write_text(json.dumps(TINY_RECORDS * 4))
+    made = {}
+    for name, seed, rank, targets in (("one", 1, 4, "q_proj,v_proj"), ("two", 2, 8, "all-linear")):
+        settings = TrainSettings(train_data=str(data), base_model=str(tiny_model_dir), output_dir=str(directory / name),
+                                 max_steps=6, learning_rate=2e-2, warmup_steps=0, train_batch_size=4,
+                                 gradient_accumulation_steps=1, val_set_size=0, lora_rank=rank,
+                                 lora_target_modules=targets, prompt_template="alpaca_short", seed=seed)
+        made[name] = run_training(settings)
+    return made

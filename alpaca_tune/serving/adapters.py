@@ -5,7 +5,8 @@ adapter under the directory the server was started with ($ALPACA_TUNE_ADAPTER_DI
 baked into the image). A name is refused before anything is opened if it is absolute or climbs
 out with "..", and after resolving if a link leads out of that directory; every refusal is the
 same message, whatever exists on disk. A fetched adapter is unpacked and checked as COG_WEIGHTS
-is (weights.py, adapter_check.py), turned into the decoder's unmerged low-rank updates, and kept
+is (weights.py, adapter_check.py), handed to the decoder (request_adapter: LeanLlama's unmerged
+low-rank updates, or an adapter of TransformersDecoder's PeftModel), and kept
 under its content hash (the same adapter under two URLs is kept once), least recently used
 first out past $ALPACA_TUNE_MAX_CACHED_ADAPTERS adapters or ..._BYTES bytes.
 """
@@ -22,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from ..adapter_check import check_adapter
 from ..adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .lean.lora_merge import lora_pairs, unmergeable_reason
+from .lean.lora_merge import unmergeable_reason
 from .limits import Limits
 from .weights import WeightsError, fetch_weights
 
@@ -79,7 +80,12 @@ class AdapterCache:
             if reason:
                 raise WeightsError(f"{label}: {reason}: not applied per request (serve it as COG_WEIGHTS instead)")
             key = content_key(adapter.root)
-            updates = self.decoder.low_rank_updates(lora_pairs(adapter.root), label)
+            with self._lock:  # fetched twice at once: the first one loaded is kept
+                if key in self._by_key:
+                    self._key_of[spec] = key
+                    self._by_key.move_to_end(key)
+                    return self._by_key[key]
+            updates = self.decoder.request_adapter(adapter.root, label)
         self.fetches += 1
         with self._lock:
             self._key_of[spec] = key
@@ -88,8 +94,11 @@ class AdapterCache:
             while len(self._by_key) > self.limits.max_cached_adapters or (
                     len(self._by_key) > 1 and sum(u.nbytes for u in self._by_key.values())
                     > self.limits.max_cached_adapter_bytes):
-                evicted, _ = self._by_key.popitem(last=False)
-                self._key_of = {s: k for s, k in self._key_of.items() if k != evicted}
+                evicted_key, evicted = self._by_key.popitem(last=False)
+                self._key_of = {s: k for s, k in self._key_of.items() if k != evicted_key}
+                release = getattr(evicted, "release", None)
+                if release is not None:  # the transformers path: the adapter leaves the model
+                    release()
         log.info("%s: adapter %s loaded for requests (%d cached)", label, key[:12], len(self._by_key))
         return updates
 

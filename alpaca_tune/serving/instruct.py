@@ -61,7 +61,7 @@ class InstructModel:
         self.limits = limits or Limits.from_env()
         # per-request adapters (lora_weights), where the decoder applies them unmerged
         self.adapters = AdapterCache(decoder, base_shapes, self.limits) \
-            if base_shapes is not None and hasattr(decoder, "low_rank_updates") else None
+            if base_shapes is not None and hasattr(decoder, "request_adapter") else None
 
     @classmethod
     def load(cls, weights: str | None = None, base_model: str = "", merge: bool = True) -> InstructModel:
@@ -120,8 +120,8 @@ class InstructModel:
         adapter = None
         if settings.lora_weights:
             if self.adapters is None:
-                raise WeightsError("lora_weights: this server cannot apply an adapter per request (only on the CPU "
-                                   "Llama path for now); serve the adapter as COG_WEIGHTS")
+                raise WeightsError("lora_weights: this server cannot apply an adapter per request; serve the "
+                                   "adapter as COG_WEIGHTS")
             adapter = self.adapters.get(settings.lora_weights)
         prompt_ids = self.prompt_ids(settings)
         context = self.decoder.context_length

@@ -1,24 +1,30 @@
 """Serving through transformers (and PEFT for an adapter): on a GPU, for architectures the lean
 CPU path does not run, and for adapters it cannot merge.
 
-On a GPU each one-token step is a CUDA graph replay over a static KV cache (cuda_graph.py);
-elsewhere transformers' DynamicCache is fed a token at a time.
+On a GPU each one-token step of a request decoding alone is a CUDA graph replay over a static KV
+cache (cuda_graph.py); elsewhere transformers' DynamicCache is fed, and the batch scheduler's rows
+run together (TransformersDecoder.feed_batch), each with its own adapter where it names one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..base_model import load_causal_lm
 from ..device import pick_device
-from .decoder import Feed, eos_ids_in
+from .decoder import eos_ids_in
 from .weights import WeightsError
 
 log = logging.getLogger(__name__)
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
@@ -39,14 +45,73 @@ def load_adapter(model, adapter_dir: Path, label: str | None = None):
         raise WeightsError(f"{label or adapter_dir}: not a LoRA adapter for this base model: {err}") from None
 
 
-class TransformersDecoder:
-    """A transformers causal LM as a Decoder (decoder.py)."""
+@dataclass
+class RequestAdapter:
+    """A request's own adapter (lora_weights) loaded into the decoder's PeftModel under `name`."""
+    name: str
+    nbytes: int
+    release: Callable[[], None]  # AdapterCache calls it when the adapter leaves its cache
 
-    def __init__(self, model, cuda_graphs: bool = True, compile_step: bool = False):
+
+class DynamicFeed:
+    """feed(ids) -> fp32 logits [vocab] over one sequence's DynamicCache, with the request's own
+    adapter (a PeftModel adapter name; BASE: none) when the decoder holds request adapters."""
+
+    def __init__(self, decoder: TransformersDecoder, adapter_name: str = BASE):
+        from transformers import DynamicCache
+
+        self.decoder, self.adapter_name = decoder, adapter_name
+        self.cache = DynamicCache(config=decoder.model.config)
+        self.length = 0
+        self.closed = False
+
+    def __call__(self, ids: list[int]) -> torch.Tensor:
+        decoder = self.decoder
+        with decoder.lock, torch.inference_mode():
+            decoder.leave_batch(self)
+            step = torch.tensor([ids], device=decoder.device)
+            positions = torch.arange(self.length, self.length + len(ids), device=decoder.device)[None]
+            logits = decoder.model(input_ids=step, position_ids=positions, past_key_values=self.cache,
+                                   use_cache=True, logits_to_keep=1, **decoder.adapter_args([self])).logits
+            self.length += len(ids)
+            return logits[0, -1].float()
+
+
+@dataclass
+class _Batch:
+    """Decoding rows kept together between steps: their caches left-padded to one length in one
+    DynamicCache, so that a step while nobody joins or leaves copies nothing."""
+    feeds: tuple[DynamicFeed, ...]
+    cache: object  # DynamicCache [rows, heads, padded length, head dim] per layer
+    pads: list[int]  # left padding of each row
+    mask: torch.Tensor  # [rows, padded length]: 0 where padded
+
+
+class TransformersDecoder:
+    """A transformers causal LM as a Decoder (decoder.py), with the batch scheduler's feed_batch.
+
+    feed_batch: the decoding rows run as one batch, their caches left-padded to the longest and
+    masked, each at its own position. transformers' caches keep one write position per batch, so
+    rows of different lengths share a cache only padded; the padded batch is kept while the same
+    rows decode and rebuilt (each row's cache copied out and in) when one joins or leaves. On a
+    GPU a single row replays its CUDA graph instead (cuda_graph.py), where it has one.
+
+    Request adapters (lora_weights) are loaded into a PeftModel wrapped around the base, each under
+    its own name, and a batch's rows each name theirs (PEFT's mixed-adapter batches); from the first
+    one on, every row runs eagerly with its name. A merged setup adapter cannot be taken off a row,
+    so such a server refuses them (request_adapter)."""
+
+    def __init__(self, model, cuda_graphs: bool = True, compile_step: bool = False, merged_adapter: bool = False):
         self.model = model
         self.device = model.device
         self.cuda_graphs = cuda_graphs
         self.compile_step = compile_step  # compile the one-token step before capturing it
+        self.merged_adapter = merged_adapter  # COG_WEIGHTS' adapter folded into the weights
+        self.lock = threading.RLock()  # one forward, or one adapter load, at a time
+        self._request_adapters = 0  # loaded so far (names)
+        self._users: dict[str, int] = {}  # running requests per adapter name
+        self._retired: set[str] = set()  # out of the adapter cache, deleted when its last user ends
+        self._batch: _Batch | None = None
 
     @classmethod
     def load(cls, base_dir: Path, adapter_dir: Path | None = None, merge: bool = True,
@@ -60,7 +125,7 @@ class TransformersDecoder:
             model = load_adapter(model, adapter_dir, label)
             if merge:
                 model = model.merge_and_unload()
-        return cls(model.eval())
+        return cls(model.eval(), merged_adapter=adapter_dir is not None)
 
     @property
     def context_length(self) -> int:
@@ -71,24 +136,130 @@ class TransformersDecoder:
         return eos_ids_in(getattr(self.model, "generation_config", None), self.model.config)
 
     @contextlib.contextmanager
-    def feeder(self, capacity: int, adapter=None):
+    def feeder(self, capacity: int, adapter: RequestAdapter | None = None):
         from .cuda_graph import graphs_possible, kept_feeder
 
-        if adapter is not None:  # InstructModel.request refuses lora_weights here before it gets this far
-            raise ValueError("a request's own adapter is applied on the lean CPU path only")
-        if self.cuda_graphs and graphs_possible(self.model):
+        if self.cuda_graphs and not self._request_adapters and adapter is None and graphs_possible(self.model):
             with kept_feeder(self.model, capacity, self.compile_step) as feed:
                 yield feed
             return
-        yield self._dynamic_cache_feed()
+        feed = DynamicFeed(self, adapter.name if adapter is not None else BASE)
+        with self.lock:
+            self._users[feed.adapter_name] = self._users.get(feed.adapter_name, 0) + 1
+        try:
+            yield feed
+        finally:
+            with self.lock:
+                feed.closed = True
+                if self._batch is not None and all(member.closed for member in self._batch.feeds):
+                    self._batch = None  # nobody left to decode: its caches are freed now
+                self._users[feed.adapter_name] -= 1
+                if feed.adapter_name in self._retired and not self._users[feed.adapter_name]:
+                    self._delete(feed.adapter_name)
 
-    def _dynamic_cache_feed(self) -> Feed:
+    # -- request adapters (adapters.py's AdapterCache) ----------------------------------------
+    def request_adapter(self, adapter_dir: Path, label: str) -> RequestAdapter:
+        """The adapter in adapter_dir, loaded unmerged beside the others for the requests that name it."""
+        from peft import PeftModel
+
+        if self.merged_adapter:
+            raise WeightsError(f"{label}: this server merged its own adapter (COG_WEIGHTS) into the base on the "
+                               f"transformers path, so a request's adapter cannot replace it; serve the base alone "
+                               f"to take adapters per request")
+        with self.lock:
+            self.leave_batch(None)
+            name = f"request{self._request_adapters}"
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(adapter_dir), adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name)
+                    # none active: a forward that names no adapters (a CUDA-graph row started
+                    # before this one was loaded) stays the base's; named rows are unaffected
+                    self.model.base_model.set_adapter([])
+            except (OSError, ValueError, KeyError, RuntimeError) as err:
+                raise WeightsError(f"{label}: not a LoRA adapter for this base model: {err}") from None
+            self.model.eval()
+            self._request_adapters += 1
+            nbytes = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
+                         if f".{name}." in n)
+        return RequestAdapter(name, nbytes, lambda: self._release(name))
+
+    def _release(self, name: str) -> None:
+        """Out of the adapter cache: deleted from the model once no running request uses it."""
+        with self.lock:
+            if self._users.get(name):
+                self._retired.add(name)
+            else:
+                self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        self.leave_batch(None)
+        self._retired.discard(name)
+        self._users.pop(name, None)
+        self.model.delete_adapter(name)
+
+    def adapter_args(self, feeds) -> dict:
+        """PEFT's per-row adapter names, once the model holds request adapters."""
+        return {"adapter_names": [f.adapter_name for f in feeds]} if self._request_adapters else {}
+
+    # -- the batch scheduler's extras (scheduler.py) ------------------------------------------
+    def feed_batch(self, feeds: list, tokens: list[int]) -> torch.Tensor:
+        """One token for each feed at once -> logits [len(feeds), vocab]."""
+        if len(feeds) == 1 or not all(isinstance(f, DynamicFeed) and _plain_cache(f.cache) for f in feeds):
+            return torch.stack([feed([token]) for feed, token in zip(feeds, tokens)])
+        with self.lock, torch.inference_mode():
+            if self._batch is None or self._batch.feeds != tuple(feeds):
+                self.leave_batch(None)
+                self._batch = self._gather(tuple(feeds))
+            batch = self._batch
+            ones = torch.ones(len(feeds), 1, dtype=batch.mask.dtype, device=self.device)
+            batch.mask = torch.cat([batch.mask, ones], dim=1)
+            step = torch.tensor(tokens, device=self.device)[:, None]
+            positions = torch.tensor([f.length for f in feeds], device=self.device)[:, None]
+            logits = self.model(input_ids=step, attention_mask=batch.mask, position_ids=positions,
+                                past_key_values=batch.cache, use_cache=True, logits_to_keep=1,
+                                **self.adapter_args(feeds)).logits
+            for feed in feeds:
+                feed.length += 1
+            return logits[:, -1].float()
+
+    def _gather(self, feeds: tuple[DynamicFeed, ...]) -> _Batch:
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        longest = max(f.length for f in feeds)
+        pads = [longest - f.length for f in feeds]
+        layers = []
+        for index in range(len(feeds[0].cache.layers)):
+            keys = [F.pad(f.cache.layers[index].keys, (0, 0, pad, 0)) for f, pad in zip(feeds, pads)]
+            values = [F.pad(f.cache.layers[index].values, (0, 0, pad, 0)) for f, pad in zip(feeds, pads)]
+            layers.append((torch.cat(keys), torch.cat(values)))
+        for feed in feeds:
+            feed.cache = None  # the batch holds its rows now
+        mask = torch.ones(len(feeds), longest, dtype=torch.long, device=self.device)
+        for row, pad in enumerate(pads):
+            mask[row, :pad] = 0
+        return _Batch(feeds, DynamicCache(ddp_cache_data=layers), pads, mask)
 
-        def feed(ids: list[int]) -> torch.Tensor:
-            step = torch.tensor([ids], device=self.device)
-            return self.model(input_ids=step, past_key_values=cache, use_cache=True,
-                              logits_to_keep=1).logits[0, -1].float()
-        return feed
+    def leave_batch(self, feed: DynamicFeed | None) -> None:
+        """Give the kept batch's rows their own caches back (only if `feed` is one of them; None: in
+        any case), so that a row can be fed alone or a new batch formed."""
+        from transformers import DynamicCache
+
+        batch = self._batch
+        if batch is None or (feed is not None and feed not in batch.feeds):
+            return
+        self._batch = None
+        for row, (member, pad) in enumerate(zip(batch.feeds, batch.pads)):
+            if member.closed:
+                continue
+            layers = [(layer.keys[row:row + 1, :, pad:].clone(), layer.values[row:row + 1, :, pad:].clone())
+                      for layer in batch.cache.layers]
+            member.cache = DynamicCache(ddp_cache_data=layers)
+
+
+def _plain_cache(cache) -> bool:
+    """Every layer a plain DynamicLayer (no sliding window, no quantization): what _gather pads."""
+    from transformers.cache_utils import DynamicLayer
+
+    return cache is None or all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers)

@@ -3,34 +3,21 @@ the one its adapter gives served alone (merged, as COG_WEIGHTS); names only unde
 directory, one message for every refusal; an LRU by content."""
 
 import base64
-import json
 import os
 
 import pytest
-from conftest import TINY_RECORDS
 
 from alpaca_tune.errors import UserError
 from alpaca_tune.serving.adapters import REFUSED, AdapterCache, resolve
 from alpaca_tune.serving.instruct import InstructModel
 from alpaca_tune.serving.limits import Limits
-from alpaca_tune.settings import GenerateSettings, TrainSettings
-from alpaca_tune.training.loop import run_training
+from alpaca_tune.settings import GenerateSettings
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory, tiny_model_dir):
+def archives(trained_adapters):
     """Two adapters trained here (different data order, rank, targets), as train.py's archives."""
-    directory = tmp_path_factory.mktemp("adapters")
-    data = directory / "data.json"
-    data.write_text(json.dumps(TINY_RECORDS * 4))
-    made = {}
-    for name, seed, rank, targets in (("one", 1, 4, "q_proj,v_proj"), ("two", 2, 8, "all-linear")):
-        settings = TrainSettings(train_data=str(data), base_model=str(tiny_model_dir), output_dir=str(directory / name),
-                                 max_steps=6, learning_rate=2e-2, warmup_steps=0, train_batch_size=4,
-                                 gradient_accumulation_steps=1, val_set_size=0, lora_rank=rank,
-                                 lora_target_modules=targets, prompt_template="alpaca_short", seed=seed)
-        made[name] = run_training(settings).archive
-    return made
+    return {name: result.archive for name, result in trained_adapters.items()}
 
 
 def data_uri(path) -> str:

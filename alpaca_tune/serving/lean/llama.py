@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ...errors import UserError
 from ..decoder import eos_ids_in
-from .lora_merge import merge_lora
+from .lora_merge import lora_pairs, merge_lora
 from .matvec import Matrix, WeightArena, warm_up
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -280,6 +280,10 @@ class LeanLlama:
     @contextlib.contextmanager
     def feeder(self, capacity: int, updates: LowRankUpdates | None = None):
         yield LeanFeed(self, self.new_cache(capacity), updates)
+
+    def request_adapter(self, adapter_dir: Path, label: str) -> LowRankUpdates:
+        """A request's own adapter (lora_weights, adapters.py), as low_rank_updates."""
+        return self.low_rank_updates(lora_pairs(adapter_dir), label)
 
     def low_rank_updates(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], label: str) -> LowRankUpdates:
         """An adapter's (A, scaled B) pairs as updates of this model's fused products, with the
