@@ -1,20 +1,22 @@
 """Serving throughput and latency over HTTP: the real Cog server (coglet), SSE clients at once.
 
     python scripts/bench_serve.py                                   # embedded SmolLM2, 1-16 clients
-    python scripts/bench_serve.py --concurrency 1,8 --requests 2 --max_new_tokens 32
+    python scripts/bench_serve.py --concurrency 1,8 --round 16 --max_new_tokens 32
     python scripts/bench_serve.py --concurrency 16 --adapters 1,4,16   # 16 clients, adapters mixed
 
 The server is started as `make serve` starts it (tests/cog_server.py: scripts/serve.py's command
-and environment, 16 slots). For each concurrency C, C clients each send `--requests` streamed
-predictions one after another (Accept: text/event-stream), with prompts of mixed lengths drawn
-from ../shared/data's Alpaca sample (seed 0), greedy, `--max_new_tokens` at most. Reported per C:
-aggregate output tokens/s (the server's own output_token_count over the wall time of the round;
-a 409, which coglet answers for a few ms after each answer while it frees the slot, is retried),
-time to first chunk (p50/p99 over requests) and the gap between chunks (p50/p99), and aggregate
-tokens/s relative to one client. With --adapters K,...: the same at each concurrency with every
-request naming one of K distinct adapters (lora_weights, round robin; random rank-8 LoRAs of
-q_proj and v_proj made for the run and served from $ALPACA_TUNE_ADAPTER_DIR), and the aggregate
-relative to one adapter.
+and environment, 16 slots). Every round serves the same `--round` streamed predictions (Accept:
+text/event-stream), with prompts of mixed lengths drawn from ../shared/data's Alpaca sample
+(seed 0), greedy, `--max_new_tokens` at most: at concurrency C, C clients share them, each
+sending its next one when its last answer ended. So one client serves exactly the work that C
+clients serve, one request at a time, and the ratio between rounds is the batching's alone.
+Reported per C: aggregate output tokens/s (the server's own output_token_count over the wall time
+of the round; a 409, which coglet answers for a few ms after each answer while it frees the slot,
+is retried and counted), time to first chunk (p50/p99 over requests) and the gap between chunks
+(p50/p99), and aggregate tokens/s relative to the first round. With --adapters K,...: the same at
+each concurrency with every request naming one of K distinct adapters (lora_weights, round robin;
+random rank-8 LoRAs of q_proj and v_proj made for the run and served from
+$ALPACA_TUNE_ADAPTER_DIR), relative to the first round.
 """
 
 from __future__ import annotations
@@ -79,15 +81,20 @@ def make_adapters(base: Path, count: int, directory: Path) -> list[str]:
     return names
 
 
-def one_round(server: CogServer, clients: int, requests: int, pool: list[dict], max_new_tokens: int,
+def one_round(server: CogServer, clients: int, pool: list[dict], max_new_tokens: int,
               adapters: list[str] | None = None) -> dict:
+    """Every request of `pool`, `clients` at a time (each client takes the next one left)."""
     firsts, gaps, tokens, failures, retries = [], [], [], [], []
     lock = threading.Lock()
+    left = iter(range(len(pool)))
 
     def client(number: int) -> None:
-        for request in range(requests):
-            index = number * requests + request
-            body = {"input": {**pool[index % len(pool)], "max_new_tokens": max_new_tokens, "temperature": 0.0}}
+        while True:
+            with lock:
+                index = next(left, None)
+            if index is None:
+                return
+            body = {"input": {**pool[index], "max_new_tokens": max_new_tokens, "temperature": 0.0}}
             if adapters:
                 body["input"]["lora_weights"] = adapters[index % len(adapters)]
             started, last, final, busy = time.monotonic(), None, None, True
@@ -122,7 +129,7 @@ def one_round(server: CogServer, clients: int, requests: int, pool: list[dict], 
     wall = run_clients(client, clients, timeout=3600)
     for failure in failures[:3]:
         print(f"failed: {json.dumps(failure)[:300]}", file=sys.stderr)
-    return {"clients": clients, "requests": clients * requests, "failed": len(failures), "retried": len(retries),
+    return {"clients": clients, "requests": len(pool), "failed": len(failures), "retried": len(retries),
             "tokens": sum(tokens), "wall": wall, "tokens_per_s": sum(tokens) / wall,
             "ttft_p50": percentile(firsts, 0.5), "ttft_p99": percentile(firsts, 0.99),
             "gap_p50": percentile(gaps, 0.5), "gap_p99": percentile(gaps, 0.99)}
@@ -131,7 +138,8 @@ def one_round(server: CogServer, clients: int, requests: int, pool: list[dict], 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated numbers of clients at once")
-    parser.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
+    parser.add_argument("--round", type=int, default=32,
+                        help="predictions in every round, the same ones at each concurrency")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--base_model", default="", help="base model directory (default: the embedded SmolLM2)")
     parser.add_argument("--adapters", default="", help="comma-separated numbers of distinct per-request adapters "
@@ -142,23 +150,22 @@ def main(argv: list[str] | None = None) -> None:
 
     levels = [int(part) for part in args.concurrency.split(",")]
     base = resolve_base_dir(args.base_model)
-    pool = prompts(max(levels) * args.requests)
+    pool = prompts(args.round)
     print(f"machine: {device.describe_line()}")
     print(f"base {base.name}, {len(pool)} prompts from {SAMPLE.name} (seed 0), greedy, max_new_tokens "
-          f"{args.max_new_tokens}, {args.requests} request(s) per client")
+          f"{args.max_new_tokens}, the same {len(pool)} predictions in every round")
     counts = [int(part) for part in args.adapters.split(",")] if args.adapters else []
     with tempfile.TemporaryDirectory(prefix="bench-serve-adapters-") as adapter_dir:
         names = make_adapters(base, max(counts), Path(adapter_dir)) if counts else []
         env = {"ALPACA_TUNE_BASE": str(base), "ALPACA_TUNE_ADAPTER_DIR": adapter_dir}
         with CogServer("predict", env=env) as server:
             server.wait_ready()
-            one_round(server, 1, 1, pool, 8, names[:1])  # warm-up
+            one_round(server, 1, pool[:1], 8, names[:1])  # warm-up
             if counts:
-                rows = [(f"{clients}x{count}", one_round(server, clients, args.requests, pool, args.max_new_tokens,
-                                                         names[:count]))
+                rows = [(f"{clients}x{count}", one_round(server, clients, pool, args.max_new_tokens, names[:count]))
                         for clients in levels for count in counts]
             else:
-                rows = [(str(clients), one_round(server, clients, args.requests, pool, args.max_new_tokens))
+                rows = [(str(clients), one_round(server, clients, pool, args.max_new_tokens))
                         for clients in levels]
     reference = rows[0][1]["tokens_per_s"] if rows else None
     print(f"{'clients' + ('x adapters' if counts else ''):>18} {'requests':>8} {'failed':>6} {'409s':>5} {'tokens':>7} "

@@ -28,12 +28,13 @@ def test_bench_generate_checks_equal_tokens_and_reports_both_decoders(tiny_model
 @pytest.mark.skipif(not (SHARED_DATA / "alpaca_data_sample.json").exists(), reason="needs ../shared/data")
 def test_bench_serve_drives_the_real_server_at_each_concurrency(tiny_model_dir):
     out = run_script("scripts/bench_serve.py", "--base_model", str(tiny_model_dir), "--concurrency", "1,3",
-                     "--requests", "2", "--max_new_tokens", "6")
+                     "--round", "6", "--max_new_tokens", "6")
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [(row[0], row[1], row[2]) for row in rows] == [("1", "2", "0"), ("3", "6", "0")]  # clients, requests, failed
+    assert [(row[0], row[1], row[2]) for row in rows] == [("1", "6", "0"), ("3", "6", "0")]  # clients, requests, failed
     assert all(int(row[4]) > 0 for row in rows)  # tokens the server counted
+    assert rows[0][4] == rows[1][4]  # the same greedy predictions in both rounds: the same tokens
     out = run_script("scripts/bench_serve.py", "--base_model", str(tiny_model_dir), "--concurrency", "3",
-                     "--requests", "2", "--max_new_tokens", "6", "--adapters", "1,3")
+                     "--round", "6", "--max_new_tokens", "6", "--adapters", "1,3")
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [(row[0], row[2]) for row in rows] == [("3x1", "0"), ("3x3", "0")]  # every request with its adapter
 

@@ -12,6 +12,18 @@ Weights live in one arena (`WeightArena`) that numpy backs with transparent huge
 hardware prefetcher stops at each 4 KB page, and a `sum` over huge pages reads ~10% faster.
 
 Weights are [out, in] (nn.Linear's layout): each output is one contiguous dot product.
+
+Why the dot products are written as LLVM IR (_vector_dot_codegen) rather than as a numba loop:
+the batch scheduler needs a request's row of a batched product to be bit for bit what it gets
+alone, so its answer does not depend on its company. numba's vectorised loop sums in an order
+LLVM picks per loop, so a batched kernel could only repeat the single-row loop once per row,
+re-reading each weight row from L1 for every request; written with explicit 16-lane vectors and
+one fixed order, a weight vector is loaded once for 4 rows and every row still gets the same
+bits. Measured on SmolLM2's shapes against that numba loop (538 MB fp32, 2-core Xeon with AVX512
++ AMX, 2026-12-02): the products of 8 rows 30 ms instead of 41, of one row unchanged (21 ms,
+memory-bound); of one bf16 row 12 ms instead of 18 (the prefetch keeps the stream going while
+the widening runs). A numba loop with 16 explicit scalar accumulators was not vectorised (3-5x
+slower). End to end: scripts/bench_generate.py and bench_serve.py, BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -29,53 +41,162 @@ ALIGN = 64  # bytes: a cache line, the widest vector load
 STORED = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-@intrinsic
-def _widen(typingctx, value):
-    """A stored weight element as fp32 (exact): fp32 as it is; uint16 holds bf16's bits, the top
-    half of an fp32 (shifted up and reinterpreted); int16 holds fp16's bits (LLVM's own half type
-    widens them, by F16C's conversion where the CPU has it)."""
+LANES, UNROLL = 16, 4  # each dot product: 4 vectors of 16 partial sums, 64 elements a step
+PREFETCH_BYTES = 1024  # how far ahead of the loads the weight is asked for
+
+
+def _vector_dot_codegen(count: int, element: str):
+    """LLVM IR for `count` dot products of one weight row with `count` consecutive rows of x, all
+    summed in one fixed order, whatever `count` is:
+      - 4 accumulators of 16 lanes; element i goes to lane i mod 16 of accumulator (i // 16) mod 4,
+        by a fused multiply-add (one rounding), 64 elements a step;
+      - the accumulators added as (a0 + a1) + (a2 + a3), then the elements left over 16 at a time
+        into that sum, then its 16 lanes halved and added down to one (8+8, 4+4, 2+2, 1+1);
+      - the last width mod 16 elements one by one, by scalar fused multiply-adds.
+    The weight is loaded once per step for all `count` rows (it stays in a register), and
+    asked for PREFETCH_BYTES ahead, so that streaming it from memory overlaps the arithmetic.
+    element: "f32", "bf16" (uint16 bits: the top half of an fp32) or "f16" (int16 bits)."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
+    vec = ir.VectorType(f32, LANES)
+    step = LANES * UNROLL
+    stored = f32 if element == "f32" else ir.IntType(16)
+    itemsize = 4 if element == "f32" else 2
+
     def codegen(context, builder, signature, args):
-        from llvmlite import ir
+        weight_type, _, x_type, _, out_type, _ = signature.args
+        weight, row, x, first, out, _ = args
+        module = builder.module
+        fma_vec = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{LANES}f32")
+        fma_one = cgutils.get_or_insert_function(module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+        bytes_ptr = ir.IntType(8).as_pointer()
+        prefetch = cgutils.get_or_insert_function(
+            module, ir.FunctionType(ir.VoidType(), [bytes_ptr, i32, i32, i32]), "llvm.prefetch.p0i8")
+        w_array = context.make_array(weight_type)(context, builder, weight)
+        x_array = context.make_array(x_type)(context, builder, x)
+        o_array = context.make_array(out_type)(context, builder, out)
+        rows, width = cgutils.unpack_tuple(builder, w_array.shape, 2)
+        w_ptr = builder.gep(builder.bitcast(w_array.data, stored.as_pointer()), [builder.mul(row, width)])
+        x_ptr = builder.gep(x_array.data, [builder.mul(first, width)])
+        o_ptr = builder.gep(o_array.data, [builder.add(builder.mul(first, rows), row)])
 
-        (element,) = args
-        if value == types.float32:
-            return element
-        if value == types.uint16:
-            wide = builder.shl(builder.zext(element, ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-            return builder.bitcast(wide, ir.FloatType())
-        return builder.fpext(builder.bitcast(element, ir.HalfType()), ir.FloatType())
-    if value in (types.float32, types.uint16, types.int16):
-        return types.float32(value), codegen
-    return None
+        def const(value):
+            return ir.Constant(i64, value)
+
+        def widen(value, lanes):
+            if element == "f32":
+                return value
+            if element == "bf16":
+                wide = ir.VectorType(i32, lanes) if lanes else i32
+                shift = ir.Constant(wide, [16] * lanes) if lanes else ir.Constant(i32, 16)
+                return builder.bitcast(builder.shl(builder.zext(value, wide), shift), vec if lanes else f32)
+            half = ir.VectorType(ir.HalfType(), lanes) if lanes else ir.HalfType()
+            return builder.fpext(builder.bitcast(value, half), vec if lanes else f32)
+
+        def load_w(offset):
+            pointer = builder.bitcast(builder.gep(w_ptr, [offset]), ir.VectorType(stored, LANES).as_pointer())
+            return widen(builder.load(pointer, align=itemsize), LANES)
+
+        def load_x(k, offset):
+            pointer = builder.gep(x_ptr, [builder.add(builder.mul(const(k), width), offset)])
+            return builder.load(builder.bitcast(pointer, vec.as_pointer()), align=4)
+
+        def loop(name, start, end, stride, carried, body):
+            """for i in range(start, end, stride): carried = body(i, carried); the final values."""
+            entry = builder.block
+            head, inside, after = (builder.append_basic_block(f"{name}.{part}") for part in ("head", "body", "after"))
+            builder.branch(head)
+            builder.position_at_end(head)
+            index = builder.phi(i64)
+            index.add_incoming(start, entry)
+            phis = [builder.phi(value.type) for value in carried]
+            for phi, value in zip(phis, carried):
+                phi.add_incoming(value, entry)
+            builder.cbranch(builder.icmp_unsigned("<", index, end), inside, after)
+            builder.position_at_end(inside)
+            updated = body(index, phis)
+            index.add_incoming(builder.add(index, const(stride)), builder.block)
+            for phi, value in zip(phis, updated):
+                phi.add_incoming(value, builder.block)
+            builder.branch(head)
+            builder.position_at_end(after)
+            return phis
+
+        def main_step(i, accumulators):
+            prefetch_at = builder.bitcast(builder.gep(w_ptr, [i]), bytes_ptr)
+            for line in range(0, step * itemsize, 64):
+                builder.call(prefetch, [builder.gep(prefetch_at, [const(PREFETCH_BYTES + line)]),
+                                        ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            weights = [load_w(builder.add(i, const(u * LANES))) for u in range(UNROLL)]
+            return [builder.call(fma_vec, [weights[u], load_x(k, builder.add(i, const(u * LANES))),
+                                           accumulators[k * UNROLL + u]])
+                    for k in range(count) for u in range(UNROLL)]
+
+        zero = ir.Constant(vec, [0.0] * LANES)
+        main_end = builder.mul(builder.udiv(width, const(step)), const(step))
+        accumulators = loop("steps", const(0), main_end, step, [zero] * (count * UNROLL), main_step)
+        sums = []
+        for k in range(count):
+            a = accumulators[k * UNROLL:(k + 1) * UNROLL]
+            sums.append(builder.fadd(builder.fadd(a[0], a[1]), builder.fadd(a[2], a[3])))
+        vector_end = builder.mul(builder.udiv(width, const(LANES)), const(LANES))
+        sums = loop("vectors", main_end, vector_end, LANES, sums, lambda i, acc: [
+            builder.call(fma_vec, [load_w(i), load_x(k, i), acc[k]]) for k in range(count)])
+        totals = []
+        for total in sums:
+            lanes = LANES
+            while lanes > 1:
+                lanes //= 2
+                low = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, lanes), list(range(lanes))))
+                high = builder.shuffle_vector(total, total, ir.Constant(ir.VectorType(i32, lanes),
+                                                                        list(range(lanes, 2 * lanes))))
+                total = builder.fadd(low, high)
+            totals.append(builder.extract_element(total, ir.Constant(i32, 0)))
+
+        def tail_step(i, acc):
+            w = widen(builder.load(builder.gep(w_ptr, [i])), 0)
+            return [builder.call(fma_one, [w, builder.load(builder.gep(x_ptr, [builder.add(builder.mul(const(k), width), i)])),
+                                           acc[k]]) for k in range(count)]
+        totals = loop("tail", vector_end, width, 1, totals, tail_step)
+        for k, total in enumerate(totals):
+            builder.store(total, builder.gep(o_ptr, [builder.mul(const(k), rows)]))
+        return context.get_dummy_value()
+    return codegen
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _matvec(weight, x, out):
-    """out = weight @ x; one compiled version per storage dtype (see _widen)."""
-    rows, width = weight.shape
-    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for row in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            total = np.float32(0)
-            for i in range(width):
-                total += _widen(weight[row, i]) * x[i]
-            out[row] = total
+@intrinsic
+def _dot_rows(typingctx, weight, row, x, first, out, count):
+    """out[first + k, row] = weight[row] . x[first + k] for k < count (a literal 1, 2 or 4); every
+    array C-contiguous, x and out fp32."""
+    elements = {types.float32: "f32", types.uint16: "bf16", types.int16: "f16"}
+    if (not isinstance(count, types.IntegerLiteral) or weight.dtype not in elements or x.dtype != types.float32
+            or out.dtype != types.float32 or any(a.layout != "C" or a.ndim != 2 for a in (weight, x, out))):
+        return None  # numba then reports no matching signature
+    return (types.void(weight, row, x, first, out, count),
+            _vector_dot_codegen(count.literal_value, elements[weight.dtype]))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _matmat(weight, x, out):
-    """out[b] = weight @ x[b] for every row b of x [B, in]: each weight row is read from memory
-    once for all B rows (it stays in L1 meanwhile), so a batch of B tokens costs about one token's
-    memory traffic. Each (row, b) sum runs the same loop as _matvec, so a row's result is the one
-    it gets alone (tests/serving/lean/test_matvec.py checks they are equal bit for bit)."""
-    rows, width = weight.shape
+@njit(parallel=True, cache=True)
+def _products(weight, x, out):
+    """out[b] = weight @ x[b] for each row b of x [B, in]; one compiled version per storage dtype.
+    Parallel over blocks of weight rows; each weight row is streamed once for 4 rows of x at a
+    time, and every (row, b) is summed in _vector_dot_codegen's one order, so a row of x gets the
+    same bits alone or with any company (tests/serving/lean/test_matvec.py)."""
+    rows = weight.shape[0]
     batch = x.shape[0]
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for row in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            for b in range(batch):
-                total = np.float32(0)
-                for i in range(width):
-                    total += _widen(weight[row, i]) * x[b, i]
-                out[b, row] = total
+            first = 0
+            while first + 4 <= batch:
+                _dot_rows(weight, row, x, first, out, 4)
+                first += 4
+            if first + 2 <= batch:
+                _dot_rows(weight, row, x, first, out, 2)
+                first += 2
+            if first < batch:
+                _dot_rows(weight, row, x, first, out, 1)
 
 
 # How each dtype is stored: numpy has no bf16, and numba no fp16 arrays, so both as 16-bit integers,
@@ -95,8 +216,7 @@ def warm_up(dtypes: set[str]) -> None:
     numba.set_num_threads(1)
     try:
         for dtype in dtypes:
-            _matvec(np.zeros((1, 4), dtype=BITS[dtype]), x, np.empty(1, np.float32))
-            _matmat(np.zeros((1, 4), dtype=BITS[dtype]), x[None], np.empty((1, 1), np.float32))
+            _products(np.zeros((1, 4), dtype=BITS[dtype]), x[None], np.empty((1, 1), np.float32))
     finally:
         numba.set_num_threads(threads)
 
@@ -110,14 +230,12 @@ class Matrix:
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         """weight @ x for one fp32 vector x [in] -> [out], fp32."""
-        out = np.empty(self.shape[0], dtype=np.float32)
-        _matvec(self.bits, x, out)
-        return out
+        return self.matmat(x[None])[0]
 
     def matmat(self, x: np.ndarray) -> np.ndarray:
         """weight @ x[b] for each fp32 row of x [B, in] -> [B, out], fp32, the weight read once."""
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
-        _matmat(self.bits, np.ascontiguousarray(x), out)
+        _products(self.bits, np.ascontiguousarray(x, dtype=np.float32), out)
         return out
 
     def float32(self, scratch: np.ndarray | None = None) -> np.ndarray:

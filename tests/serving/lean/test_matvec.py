@@ -76,7 +76,7 @@ def test_parts_are_stacked_in_the_widest_dtype():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", [1, 3, 16])
+@pytest.mark.parametrize("batch", [1, 3, 7, 16])  # blocks of 4, 2 and 1
 def test_matmat_rows_are_the_matvec_of_each_row_bit_for_bit(dtype, batch):
     """The batch scheduler's products: each row of a batched product is exactly what that row
     gets alone, so a request's answer does not depend on what else is in its batch."""
