@@ -25,6 +25,7 @@ from .weights import WeightsError
 
 log = logging.getLogger(__name__)
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+PREFILL_CHUNK = 256  # prompt positions fed at once (the lean path's too)
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
@@ -66,14 +67,20 @@ class DynamicFeed:
         self.closed = False
 
     def __call__(self, ids: list[int]) -> torch.Tensor:
+        """Ids fed in pieces cut at multiples of PREFILL_CHUNK positions, as the batch scheduler
+        cuts a prompt, so that a prompt fed whole or piece by piece computes the same."""
         decoder = self.decoder
         with decoder.lock, torch.inference_mode():
             decoder.leave_batch(self)
-            step = torch.tensor([ids], device=decoder.device)
-            positions = torch.arange(self.length, self.length + len(ids), device=decoder.device)[None]
-            logits = decoder.model(input_ids=step, position_ids=positions, past_key_values=self.cache,
-                                   use_cache=True, logits_to_keep=1, **decoder.adapter_args([self])).logits
-            self.length += len(ids)
+            done = 0
+            while done < len(ids):
+                piece = ids[done:done + PREFILL_CHUNK - self.length % PREFILL_CHUNK]
+                step = torch.tensor([piece], device=decoder.device)
+                positions = torch.arange(self.length, self.length + len(piece), device=decoder.device)[None]
+                logits = decoder.model(input_ids=step, position_ids=positions, past_key_values=self.cache,
+                                       use_cache=True, logits_to_keep=1, **decoder.adapter_args([self])).logits
+                self.length += len(piece)
+                done += len(piece)
             return logits[0, -1].float()
 
 
@@ -204,6 +211,8 @@ class TransformersDecoder:
         return {"adapter_names": [f.adapter_name for f in feeds]} if self._request_adapters else {}
 
     # -- the batch scheduler's extras (scheduler.py) ------------------------------------------
+    prefill_chunk = PREFILL_CHUNK  # a long prompt holds the others back one piece a step
+
     def feed_batch(self, feeds: list, tokens: list[int]) -> torch.Tensor:
         """One token for each feed at once -> logits [len(feeds), vocab]."""
         if len(feeds) == 1 or not all(isinstance(f, DynamicFeed) and _plain_cache(f.cache) for f in feeds):

@@ -127,6 +127,40 @@ def test_rows_joining_and_leaving_mid_way(llama):
     assert got == expected
 
 
+def test_a_long_prompt_is_read_in_pieces_between_the_others_steps(llama):
+    """A ~300-token prompt joins in two pieces (256, then the rest), a step apart, while the others
+    decode; every answer is still its own alone, and alone equals the one-sequence loop."""
+    long = ask(" ".join(["alpacas graze on the high plains"] * 14), max_new_tokens=12)
+    assert len(llama.prompt_ids(long)) > 260
+    short = [ask(p, max_new_tokens=30) for p in PROMPTS[:3]]
+    expected = [alone(llama, s) for s in short + [long]]
+    assert expected[-1] == "".join(llama.stream(long))
+    fed = []
+    model = llama.decoder.model
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        fed.append(kwargs["input_ids"].shape)
+        return original(*args, **kwargs)
+
+    model.forward = counting
+    scheduler = llama.batching(8)
+    try:
+        streams = [llama.submit(scheduler, s) for s in short]
+        chunks = iter(streams[0])
+        head = next(chunks)  # decoding: the long prompt arrives now
+        streams.append(llama.submit(scheduler, long))
+        got = [head + "".join(chunks)] + ["".join(stream) for stream in streams[1:]]
+    finally:
+        scheduler.close()
+        del model.forward
+    assert got == expected
+    pieces = [shape[1] for shape in fed if shape[1] > 1]
+    assert pieces[-2] == 256 and pieces[-1] == len(llama.prompt_ids(long)) - 256
+    between = fed[fed.index(next(s for s in fed if s[1] == 256)) + 1]
+    assert between[0] > 1 and between[1] == 1  # the others' batched step ran between the pieces
+
+
 def test_another_architecture_batches_too(qwen2_dir):
     model = InstructModel.load(None, base_model=str(qwen2_dir))
     assert isinstance(model.decoder, TransformersDecoder)  # biases: not the lean path
