@@ -146,3 +146,19 @@ def trained_adapters(tmp_path_factory, tiny_model_dir) -> dict:
                                  lora_target_modules=targets, prompt_template="alpaca_short", seed=seed)
         made[name] = run_training(settings)
     return made
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A random 2-layer Qwen2 (q/k/v biases: served by transformers, not the lean path) with the
+    tiny tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny_qwen2")
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, attn_implementation="sdpa")
+    Qwen2ForCausalLM(config).save_pretrained(str(directory))
+    tiny_tokenizer.save_pretrained(str(directory))
+    return directory

@@ -79,6 +79,15 @@ def predict(server, **inputs):
     return post_input(server, "/predictions", inputs)
 
 
+def at_once(target, calls: list[tuple], timeout: float = 120) -> None:
+    """target(*args) for every args of `calls`, each on its own thread, all started together."""
+    threads = [threading.Thread(target=target, args=args) for args in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+
+
 def text_of(body) -> str:
     assert body["status"] == "succeeded", body
     return "".join(body["output"])
@@ -267,11 +276,7 @@ def test_concurrent_requests_are_answered_together_each_as_alone(base_server):
         results[prompt] = base_server.post("/predictions", {"input": {"prompt": prompt, "max_new_tokens": 64, **GREEDY}})
 
     wait_until_idle(base_server)
-    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts * 2]  # 8 at once, below 16
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    at_once(ask, [(p,) for p in prompts * 2])  # 8 at once, below 16
     for prompt in prompts:
         code, body = results[prompt]
         assert code == 200, body
@@ -380,3 +385,47 @@ def test_a_request_cancelled_while_it_waits_leaves_at_once(long_base):
         code, body = result["answer"]
         assert code == 200 and body["status"] == "canceled", body
         assert small.post("/predictions/first/cancel")[0] == 200  # the first is still running
+
+
+def test_the_transformers_path_batches_callers_with_their_own_adapters(tiny_qwen2_dir, tmp_path):
+    """A base the lean path does not run (Qwen2) served by the real server: 9 callers at once,
+    mixing two adapters trained here (lora_weights) and none, each answered as that adapter gives
+    it served alone (merged, in-process); no 409 below the declared concurrency."""
+    import json
+
+    from alpaca_tune.serving.instruct import InstructModel
+    from alpaca_tune.settings import GenerateSettings, TrainSettings
+    from alpaca_tune.training.loop import run_training
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(TINY_RECORDS * 4))
+    archives = {}
+    for name, seed in (("one", 1), ("two", 2)):
+        archives[name] = run_training(TrainSettings(
+            train_data=str(data), base_model=str(tiny_qwen2_dir), output_dir=str(tmp_path / name), max_steps=6,
+            learning_rate=2e-2, warmup_steps=0, train_batch_size=4, gradient_accumulation_steps=1, val_set_size=0,
+            lora_target_modules="q_proj,v_proj", prompt_template="alpaca_short", seed=seed)).archive
+    plan = [(prompt, name) for prompt in ("Tell me about alpacas.", "Name three colours.", "Hi")
+            for name in ("one", "two", None)]
+    alone = {}
+    for name in ("one", "two", None):
+        served = InstructModel.load(str(archives[name]) if name else None, base_model=str(tiny_qwen2_dir))
+        for prompt, _ in plan:
+            alone[prompt, name] = "".join(served.stream(GenerateSettings(prompt=prompt, max_new_tokens=24, **GREEDY)))
+    results = {}
+    with CogServer("predict", env=tiny_env(tiny_qwen2_dir)) as running:
+        running.wait_ready()
+        assert "serving through transformers" in running.health()["setup"]["logs"]
+
+        def ask(prompt, name):
+            inputs = {"prompt": prompt, "max_new_tokens": 24, **GREEDY}
+            if name:
+                inputs["lora_weights"] = data_uri(archives[name], "application/gzip")
+            results[prompt, name] = running.post("/predictions", {"input": inputs})
+
+        at_once(ask, plan)
+    for item in plan:
+        code, body = results[item]
+        assert code == 200, body
+        assert text_of(body) == alone[item], item
+    assert len(set(alone.values())) > 3  # the adapters change the answers

@@ -53,21 +53,6 @@ def llama(tiny_model_dir):
     return served_by_transformers(tiny_model_dir)
 
 
-@pytest.fixture(scope="module")
-def qwen2_dir(tmp_path_factory, tiny_tokenizer):
-    """A random 2-layer Qwen2 (q/k/v biases: not a lean-path model) with the tiny tokenizer."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    directory = tmp_path_factory.mktemp("tiny_qwen2")
-    torch.manual_seed(1)
-    config = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, attn_implementation="sdpa")
-    Qwen2ForCausalLM(config).save_pretrained(str(directory))
-    tiny_tokenizer.save_pretrained(str(directory))
-    return directory
-
-
 def test_batched_logits_equal_each_row_fed_alone_as_rows_join_and_leave(llama):
     """feed_batch against the same tokens fed to one cache each: equal logits (fp32) at every
     step, while the kept batch is rebuilt as a row joins (step 3) and another leaves (step 6)."""
@@ -161,8 +146,8 @@ def test_a_long_prompt_is_read_in_pieces_between_the_others_steps(llama):
     assert between[0] > 1 and between[1] == 1  # the others' batched step ran between the pieces
 
 
-def test_another_architecture_batches_too(qwen2_dir):
-    model = InstructModel.load(None, base_model=str(qwen2_dir))
+def test_another_architecture_batches_too(tiny_qwen2_dir):
+    model = InstructModel.load(None, base_model=str(tiny_qwen2_dir))
     assert isinstance(model.decoder, TransformersDecoder)  # biases: not the lean path
     wanted = [ask(p, max_new_tokens=16) for p in PROMPTS[:4]]
     expected = [alone(model, s) for s in wanted]
