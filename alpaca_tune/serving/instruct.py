@@ -143,7 +143,8 @@ class InstructModel:
         """A scheduler that serves up to `max_batch` requests at once, batched (scheduler.py)."""
         budget = self.limits.kv_budget_tokens or default_kv_budget(self.decoder, max_batch)
         log.info("batching up to %d requests, KV-cache budget %d positions", max_batch, budget)
-        return Scheduler(self.decoder, self.tokenizer, max_batch, budget, self.limits.max_predict_seconds)
+        return Scheduler(self.decoder, self.tokenizer, max_batch, budget, self.limits.max_predict_seconds,
+                         self.limits.load_log_seconds)
 
     def submit(self, scheduler: Scheduler, settings: GenerateSettings) -> Stream:
         """Queue a request with the scheduler; its answer arrives on the returned Stream."""
@@ -152,11 +153,17 @@ class InstructModel:
 
 def default_kv_budget(decoder: Decoder, max_batch: int) -> int:
     """Room for every slot to hold a full context, but at most a quarter of the memory available
-    now where the decoder says what a position takes."""
+    now (the GPU's, for a model on one) where the decoder says what a position takes."""
     wanted = max_batch * decoder.context_length
     per_position = getattr(decoder, "kv_bytes_per_position", None)
     if per_position:
-        import psutil
+        if decoder.device.type == "cuda":
+            import torch
 
-        wanted = min(wanted, psutil.virtual_memory().available // 4 // per_position)
+            available = torch.cuda.mem_get_info(decoder.device)[0]
+        else:
+            import psutil
+
+            available = psutil.virtual_memory().available
+        wanted = min(wanted, available // 4 // per_position)
     return max(wanted, 1)

@@ -10,6 +10,7 @@
                                      memory available at setup
     ALPACA_TUNE_MAX_CACHED_ADAPTERS  per-request adapters (lora_weights) kept loaded; 16
     ALPACA_TUNE_MAX_CACHED_ADAPTER_BYTES  ... and their bytes at most; 2 GiB
+    ALPACA_TUNE_LOAD_LOG_SECONDS     how often a busy server logs its batch size and KV-cache use; 10
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Limits:
     kv_budget_tokens: int = 0  # 0: instruct.default_kv_budget
     max_cached_adapters: int = 16
     max_cached_adapter_bytes: int = 2 << 30
+    load_log_seconds: float = 10.0
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -68,4 +70,5 @@ class Limits:
                    number("ALPACA_TUNE_MAX_PREDICT_SECONDS", cls.max_predict_seconds, float),
                    number("ALPACA_TUNE_KV_BUDGET_TOKENS", cls.kv_budget_tokens, int),
                    number("ALPACA_TUNE_MAX_CACHED_ADAPTERS", cls.max_cached_adapters, int),
-                   number("ALPACA_TUNE_MAX_CACHED_ADAPTER_BYTES", cls.max_cached_adapter_bytes, int))
+                   number("ALPACA_TUNE_MAX_CACHED_ADAPTER_BYTES", cls.max_cached_adapter_bytes, int),
+                   number("ALPACA_TUNE_LOAD_LOG_SECONDS", cls.load_log_seconds, float))

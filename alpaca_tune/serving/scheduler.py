@@ -11,6 +11,8 @@ request reserves its prompt plus max_new_tokens). A step then:
     token is picked;
   - feeds every decoding request's last token in one batched call (decoder.feed_batch where the
     decoder has it: LeanLlama reads each weight once for all rows), and picks each one's next.
+Every log_every_s while busy (and when it falls idle) it logs one line: requests running and
+waiting, the mean batch of the decode steps, tokens/s, and the KV-cache positions reserved.
 Each request samples with its own TokenPicker (its settings and its own seeded generator) and
 assembles its own text (TextAssembler: stop sequences), exactly as generation.stream_text does
 for one request alone, so a request's answer does not depend on what else is in the batch
@@ -95,11 +97,24 @@ class _Request:
     token: int | None = None  # the last picked token, fed at the next step
 
 
+@dataclass
+class _Load:
+    """What the scheduler did since its last load line."""
+    since: float = field(default_factory=time.monotonic)
+    steps: int = 0  # batched decode steps
+    rows: int = 0  # requests advanced by them, summed
+    tokens: int = 0  # tokens picked (a prompt's first token too)
+
+
 class Scheduler:
     def __init__(self, decoder: Decoder, tokenizer, max_batch: int, kv_budget_tokens: int,
-                 time_limit_s: float | None = None):
+                 time_limit_s: float | None = None, log_every_s: float = 10.0):
+        """log_every_s: how often, while busy, a line with the batch size and KV-cache use is
+        logged (and once more when the scheduler falls idle)."""
         self.decoder, self.tokenizer = decoder, tokenizer
         self.max_batch, self.kv_budget_tokens, self.time_limit_s = max_batch, kv_budget_tokens, time_limit_s
+        self.log_every_s = log_every_s
+        self._load = _Load()
         self.eos_ids = stop_ids(decoder, tokenizer)
         self.prefill_chunk = getattr(decoder, "prefill_chunk", None)
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -147,6 +162,8 @@ class Scheduler:
         while True:
             with self._wake:
                 while not (self._closing or self._waiting or self._running):
+                    if self._load.steps or self._load.tokens:
+                        self._log_load()  # the last line of a busy spell
                     self._wake.wait()
                 if self._closing:
                     for request in [*self._waiting, *self._running]:
@@ -159,6 +176,18 @@ class Scheduler:
                 log.exception("batch step failed")
                 for request in list(self._running):
                     self._end(request, err)
+            if time.monotonic() - self._load.since >= self.log_every_s:
+                self._log_load()
+
+    def _log_load(self) -> None:
+        load, now = self._load, time.monotonic()
+        with self._wake:
+            running, waiting, reserved = len(self._running), len(self._waiting), self._reserved
+        log.info("batch: %d running, %d waiting; %.1f requests a step over %d steps, %.1f tokens/s; KV cache "
+                 "%d of %d positions reserved (%.0f%%)", running, waiting, load.rows / max(load.steps, 1),
+                 load.steps, load.tokens / max(now - load.since, 1e-9), reserved, self.kv_budget_tokens,
+                 100 * reserved / self.kv_budget_tokens)
+        self._load = _Load(since=now)
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -204,6 +233,8 @@ class Scheduler:
             self._picked(request, logits)
 
     def _decode(self, requests: list[_Request]) -> None:
+        self._load.steps += 1
+        self._load.rows += len(requests)
         tokens = [r.token for r in requests]
         feed_batch = getattr(self.decoder, "feed_batch", None)
         if feed_batch is not None:
@@ -220,6 +251,7 @@ class Scheduler:
             self._end(request)
             return
         stream = request.stream
+        self._load.tokens += 1
         if stream.time_to_first_token is None:
             stream.time_to_first_token = time.monotonic() - request.submitted
         stream.output_tokens += 1

@@ -213,6 +213,15 @@ class TransformersDecoder:
     # -- the batch scheduler's extras (scheduler.py) ------------------------------------------
     prefill_chunk = PREFILL_CHUNK  # a long prompt holds the others back one piece a step
 
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """Keys and values of every layer for one position, in the model's dtype."""
+        config = self.model.config.get_text_config(decoder=True)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return config.num_hidden_layers * kv_heads * head_dim * 2 * self.model.dtype.itemsize
+
     def feed_batch(self, feeds: list, tokens: list[int]) -> torch.Tensor:
         """One token for each feed at once -> logits [len(feeds), vocab]."""
         if len(feeds) == 1 or not all(isinstance(f, DynamicFeed) and _plain_cache(f.cache) for f in feeds):

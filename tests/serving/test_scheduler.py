@@ -169,3 +169,31 @@ def test_a_soak_of_thousands_of_requests_leaves_nothing_behind(model):
         assert grown_mb < 50, f"peak RSS grew {grown_mb:.0f} MB over 2,500 requests"
     finally:
         soak.close()
+
+
+def test_a_busy_scheduler_logs_its_batch_and_kv_use(model, caplog):
+    """One line per interval while busy, and one more when it falls idle: requests running and
+    waiting, the mean batch of the decode steps, tokens/s, the KV-cache positions reserved."""
+    import logging
+    import re
+
+    busy = Scheduler(model.decoder, model.tokenizer, max_batch=2, kv_budget_tokens=1000, log_every_s=0.0)
+    try:
+        with caplog.at_level(logging.INFO, logger="alpaca_tune.serving.scheduler"):
+            streams = [model.submit(busy, settings(p, max_new_tokens=12)) for p in PROMPTS[:4]]
+            for stream in streams:
+                list(stream)
+            deadline = time.monotonic() + 10
+            while busy.load["running"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # its idle line
+    finally:
+        busy.close()
+    pattern = re.compile(r"batch: (\d+) running, (\d+) waiting; ([\d.]+) requests a step over (\d+) steps, "
+                         r"[\d.]+ tokens/s; KV cache (\d+) of 1000 positions reserved")
+    lines = [pattern.search(r.getMessage()) for r in caplog.records if "batch:" in r.getMessage()]
+    assert lines and all(lines)
+    assert any(int(m[2]) > 0 for m in lines)  # 4 requests, 2 slots: some waited
+    assert max(float(m[3]) for m in lines) == 2.0  # two rows a step while both slots decode
+    assert max(int(m[5]) for m in lines) > 0
+    assert (lines[-1][1], lines[-1][2], lines[-1][5]) == ("0", "0", "0")  # idle: nothing reserved

@@ -212,3 +212,17 @@ def test_a_server_with_its_adapter_merged_refuses_request_adapters(adapters, tin
     served = served_by_transformers(tiny_model_dir, adapters["one"].adapter_dir)
     with pytest.raises(UserError, match="merged its own adapter .* serve the base alone"):
         served.request(ask(PROMPTS[0], data_uri(adapters["two"].archive)))
+
+
+def test_the_kv_budget_counts_the_models_own_cache_size(llama):
+    """kv_bytes_per_position as transformers' own cache holds a position: every layer's keys and values."""
+    from transformers import DynamicCache
+
+    decoder = llama.decoder
+    with torch.inference_mode(), decoder.feeder(64) as feed:
+        feed([1, 5, 9, 13])
+        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in feed.cache.layers)
+    assert isinstance(feed.cache, DynamicCache) and decoder.kv_bytes_per_position == held // 4
+    scheduler = llama.batching(4)
+    scheduler.close()
+    assert 0 < scheduler.kv_budget_tokens <= 4 * decoder.context_length
