@@ -75,6 +75,9 @@ class AdapterCache:
         label = "lora_weights=" + (spec if len(spec) < 80 else spec[:60] + "...")
         with tempfile.TemporaryDirectory(prefix="request-adapter-") as workdir:
             adapter = fetch_weights(source, Path(workdir), self.limits)
+            if adapter.full_model:
+                raise WeightsError(f"{label}: holds a whole fine-tuned model (finetune_method=full), not an "
+                                   f"adapter: serve it as COG_WEIGHTS, where it replaces the base")
             config = check_adapter(adapter.root, self.base_shapes, label)
             reason = unmergeable_reason(config)
             if reason:

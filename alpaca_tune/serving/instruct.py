@@ -67,20 +67,22 @@ class InstructModel:
     def load(cls, weights: str | None = None, base_model: str = "", merge: bool = True) -> InstructModel:
         """Base model (+ adapter from an archive, a directory or an http(s) URL when weights is set)."""
         limits = Limits.from_env()  # read once, at setup
-        base_dir = resolve_base_dir(base_model)
-        shapes = weight_shapes(base_dir)
         if not weights:
-            return cls(cls._load_model(base_dir, None, merge), cls._tokenizer(base_dir), None, limits, shapes)
+            base_dir = resolve_base_dir(base_model)
+            return cls(cls._load_model(base_dir, None, merge), cls._tokenizer(base_dir), None, limits,
+                       weight_shapes(base_dir))
         # the unpacked files are only needed until the weights are in memory
         with tempfile.TemporaryDirectory(prefix="adapter-") as workdir:
             adapter = fetch_weights(str(weights), Path(workdir), limits)
             recorded = read_training_config(adapter).get("prompt_template")
             template = template_from_json(recorded, f"{adapter.label}: training_config.json") if recorded else None
-            if adapter.full_model:  # finetune_method=full: the trained model replaces the base
+            if adapter.full_model:  # finetune_method=full: the trained model replaces the base (not read)
                 log.info("serving the fully fine-tuned model in %s in place of the base", adapter.label)
                 shapes = weight_shapes(adapter.root)
                 return cls(cls._load_model(adapter.root, None, merge), cls._tokenizer(adapter.root), template,
                            limits, shapes)
+            base_dir = resolve_base_dir(base_model)
+            shapes = weight_shapes(base_dir)
             check_adapter(adapter.root, shapes, adapter.label)
             model = cls._load_model(base_dir, adapter.root, merge, adapter.label)
             tokenizer = cls._tokenizer(base_dir)

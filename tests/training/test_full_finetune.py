@@ -60,6 +60,19 @@ def test_full_fine_tuning_trains_every_weight_and_predict_serves_it(settings, ti
     expected = served.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
     assert answer == expected
 
+    # the base is not read at all: a server whose base is gone serves the archive alike
+    monkeypatch.setenv("ALPACA_TUNE_BASE", str(tiny_model_dir.parent / "no-such-base"))
+    alone = predict.Predictor()
+    alone.setup(str(result.archive))
+    assert "".join(drain(alone.predict(prompt="Tell me about alpacas.", temperature=0.0, max_new_tokens=8))) == answer
+    # and it is not an adapter: given per request, it fails that request with its own message
+    from alpaca_tune.errors import UserError
+
+    served.adapters.adapter_dir = str(result.output_dir)  # as $ALPACA_TUNE_ADAPTER_DIR would set it
+    with pytest.raises(UserError, match=r"whole fine-tuned model \(finetune_method=full\), not an adapter: serve it "
+                                        r"as COG_WEIGHTS"):
+        served.adapters.get(result.archive.name)
+
 
 def test_full_fine_tuning_resumes_exactly(settings, tmp_path):
     import dataclasses
