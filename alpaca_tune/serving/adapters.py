@@ -92,16 +92,18 @@ class AdapterCache:
         self.fetches += 1
         with self._lock:
             self._key_of[spec] = key
+            if key in self._by_key:  # another thread loaded it meanwhile: keep that one (ours is let go)
+                self._by_key.move_to_end(key)
+                return self._by_key[key]
             self._by_key[key] = updates
             self._by_key.move_to_end(key)
             while len(self._by_key) > self.limits.max_cached_adapters or (
                     len(self._by_key) > 1 and sum(u.nbytes for u in self._by_key.values())
                     > self.limits.max_cached_adapter_bytes):
-                evicted_key, evicted = self._by_key.popitem(last=False)
+                # requests that hold the evicted adapter keep it until they end (the transformers
+                # path deletes it from the model once nothing refers to it)
+                evicted_key, _ = self._by_key.popitem(last=False)
                 self._key_of = {s: k for s, k in self._key_of.items() if k != evicted_key}
-                release = getattr(evicted, "release", None)
-                if release is not None:  # the transformers path: the adapter leaves the model
-                    release()
         log.info("%s: adapter %s loaded for requests (%d cached)", label, key[:12], len(self._by_key))
         return updates
 

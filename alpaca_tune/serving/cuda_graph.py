@@ -11,8 +11,9 @@ is transformers' StaticCache (its tensors are allocated by the prompt's forward,
 The cache keeps its own write position as a device tensor that every step advances (so a replay
 writes where it should); the warm-up steps before capture advance it too and are rewound.
 The prompt itself runs eagerly (its length varies). Capture costs about a second for a 7B model,
-so a model keeps one feeder per capacity bucket (powers of two from 256) and later requests
-replay the graph already recorded; stale keys beyond the new request's positions are masked out.
+so a model keeps its feeders per capacity bucket (powers of two from 256; as many as requests of
+that size ran at once) and later requests replay a graph already recorded; stale keys beyond the
+new request's positions are masked out.
 Where capture is refused (a model whose forward synchronises with the host, say), decoding goes on
 eagerly over the same static cache and the reason is logged. tests/test_cuda.py checks graph
 decoding against eager decoding; figures in BENCHMARKS.md (GPU).
@@ -38,14 +39,17 @@ def graphs_possible(model) -> bool:
 
 @contextlib.contextmanager
 def kept_feeder(model, needed: int, compile_step: bool = False) -> Iterator[StaticCacheFeeder]:
-    """The model's feeder for at least `needed` positions, empty, for one generation; a new one
-    (not kept) while the kept one is in use by another unfinished generation."""
+    """A feeder of the model's for at least `needed` positions, empty, for one generation: one
+    of its bucket's that no unfinished generation uses, else a new one, kept for later. So the
+    feeders of a bucket (each a static cache and its graph) are as many as generations of that
+    size ever ran at once, and each records its graph once."""
     capacity = max(256, 1 << (needed - 1).bit_length())
     kept = model.__dict__.setdefault("_alpaca_tune_feeders", {})  # lives as long as the model
-    feeder = kept.get((capacity, compile_step))
-    if feeder is None or feeder.in_use:
+    pool = kept.setdefault((capacity, compile_step), [])
+    feeder = next((f for f in pool if not f.in_use), None)
+    if feeder is None:
         feeder = StaticCacheFeeder(model, capacity, compile_step=compile_step)
-        kept.setdefault((capacity, compile_step), feeder)
+        pool.append(feeder)
     feeder.restart()
     feeder.in_use = True
     try:

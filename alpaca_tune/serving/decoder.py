@@ -11,9 +11,8 @@ transformers_decoder.py's TransformersDecoder (GPU, other architectures, unmerge
                      over a fresh KV cache of `capacity` positions: the prompt first, then one
                      id at a time; `adapter`: a request's own, from request_adapter
     request_adapter(dir, label)
-                     a request's own adapter (lora_weights) made ready to apply unmerged
-                     (its .nbytes counted by the adapter cache; .release(), where it has one,
-                     called when it leaves that cache)
+                     a request's own adapter (lora_weights) made ready to apply unmerged (its
+                     .nbytes counted by the adapter cache); it lasts while referenced
 
 The batch scheduler (scheduler.py) also uses, where a decoder has them:
     prefill_chunk            the most prompt positions to feed at once (else the whole prompt)

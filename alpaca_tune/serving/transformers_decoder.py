@@ -8,10 +8,11 @@ run together (TransformersDecoder.feed_batch), each with its own adapter where i
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,22 +47,35 @@ def load_adapter(model, adapter_dir: Path, label: str | None = None):
         raise WeightsError(f"{label or adapter_dir}: not a LoRA adapter for this base model: {err}") from None
 
 
-@dataclass
+@dataclass(eq=False)
 class RequestAdapter:
-    """A request's own adapter (lora_weights) loaded into the decoder's PeftModel under `name`."""
+    """A request's own adapter (lora_weights) loaded into the decoder's PeftModel under `name`.
+    It stays in the model while anything holds this object (the adapter cache, a request waiting
+    or running with it), and is deleted from the model after the last reference goes."""
     name: str
     nbytes: int
-    release: Callable[[], None]  # AdapterCache calls it when the adapter leaves its cache
+
+
+class _Locked:
+    """A CUDA-graph feeder called under the decoder's lock (no adapter is loaded mid-forward)."""
+
+    def __init__(self, feed, lock):
+        self.feed, self.lock = feed, lock
+
+    def __call__(self, ids: list[int]) -> torch.Tensor:
+        with self.lock:
+            return self.feed(ids)
 
 
 class DynamicFeed:
     """feed(ids) -> fp32 logits [vocab] over one sequence's DynamicCache, with the request's own
     adapter (a PeftModel adapter name; BASE: none) when the decoder holds request adapters."""
 
-    def __init__(self, decoder: TransformersDecoder, adapter_name: str = BASE):
+    def __init__(self, decoder: TransformersDecoder, adapter: RequestAdapter | None = None):
         from transformers import DynamicCache
 
-        self.decoder, self.adapter_name = decoder, adapter_name
+        self.decoder, self.adapter = decoder, adapter  # held: the adapter stays loaded while this feeds
+        self.adapter_name = adapter.name if adapter is not None else BASE
         self.cache = DynamicCache(config=decoder.model.config)
         self.length = 0
         self.closed = False
@@ -71,6 +85,7 @@ class DynamicFeed:
         cuts a prompt, so that a prompt fed whole or piece by piece computes the same."""
         decoder = self.decoder
         with decoder.lock, torch.inference_mode():
+            decoder.delete_retired_adapters()
             decoder.leave_batch(self)
             done = 0
             while done < len(ids):
@@ -104,9 +119,11 @@ class TransformersDecoder:
     GPU a single row replays its CUDA graph instead (cuda_graph.py), where it has one.
 
     Request adapters (lora_weights) are loaded into a PeftModel wrapped around the base, each under
-    its own name, and a batch's rows each name theirs (PEFT's mixed-adapter batches); from the first
-    one on, every row runs eagerly with its name. A merged setup adapter cannot be taken off a row,
-    so such a server refuses them (request_adapter)."""
+    its own name, and a batch's rows each name theirs (PEFT's mixed-adapter batches); while any is
+    loaded, every row runs eagerly with its name. An adapter leaves the model once nothing refers
+    to it (the adapter cache evicted it and its last request ended); with the last one the model is
+    unwrapped again. A merged setup adapter cannot be taken off a row, so such a server refuses them
+    (request_adapter)."""
 
     def __init__(self, model, cuda_graphs: bool = True, compile_step: bool = False, merged_adapter: bool = False):
         self.model = model
@@ -114,10 +131,10 @@ class TransformersDecoder:
         self.cuda_graphs = cuda_graphs
         self.compile_step = compile_step  # compile the one-token step before capturing it
         self.merged_adapter = merged_adapter  # COG_WEIGHTS' adapter folded into the weights
-        self.lock = threading.RLock()  # one forward, or one adapter load, at a time
-        self._request_adapters = 0  # loaded so far (names)
-        self._users: dict[str, int] = {}  # running requests per adapter name
-        self._retired: set[str] = set()  # out of the adapter cache, deleted when its last user ends
+        self.lock = threading.RLock()  # one forward, or one adapter load or deletion, at a time
+        self._request_adapters = 0  # loaded so far (their names' numbers)
+        self._peft = False  # self.model is a PeftModel holding request adapters
+        self._retired: collections.deque[str] = collections.deque()  # no longer referenced: to delete
         self._batch: _Batch | None = None
 
     @classmethod
@@ -146,23 +163,21 @@ class TransformersDecoder:
     def feeder(self, capacity: int, adapter: RequestAdapter | None = None):
         from .cuda_graph import graphs_possible, kept_feeder
 
-        if self.cuda_graphs and not self._request_adapters and adapter is None and graphs_possible(self.model):
-            with kept_feeder(self.model, capacity, self.compile_step) as feed:
-                yield feed
-            return
-        feed = DynamicFeed(self, adapter.name if adapter is not None else BASE)
         with self.lock:
-            self._users[feed.adapter_name] = self._users.get(feed.adapter_name, 0) + 1
+            graphs = self.cuda_graphs and not self._peft and adapter is None and graphs_possible(self.model)
+        if graphs:
+            with kept_feeder(self.model, capacity, self.compile_step) as feed:
+                yield _Locked(feed, self.lock)
+            return
+        feed = DynamicFeed(self, adapter)
         try:
             yield feed
         finally:
             with self.lock:
                 feed.closed = True
+                feed.adapter = None
                 if self._batch is not None and all(member.closed for member in self._batch.feeds):
                     self._batch = None  # nobody left to decode: its caches are freed now
-                self._users[feed.adapter_name] -= 1
-                if feed.adapter_name in self._retired and not self._users[feed.adapter_name]:
-                    self._delete(feed.adapter_name)
 
     # -- request adapters (adapters.py's AdapterCache) ----------------------------------------
     def request_adapter(self, adapter_dir: Path, label: str) -> RequestAdapter:
@@ -174,41 +189,51 @@ class TransformersDecoder:
                                f"transformers path, so a request's adapter cannot replace it; serve the base alone "
                                f"to take adapters per request")
         with self.lock:
-            self.leave_batch(None)
+            self.delete_retired_adapters()
             name = f"request{self._request_adapters}"
+            self._request_adapters += 1  # a name is never used twice, even after a failed load
             try:
-                if isinstance(self.model, PeftModel):
+                if self._peft:
                     self.model.load_adapter(str(adapter_dir), adapter_name=name)
                 else:
                     self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name)
                     # none active: a forward that names no adapters (a CUDA-graph row started
                     # before this one was loaded) stays the base's; named rows are unaffected
                     self.model.base_model.set_adapter([])
+                    self._peft = True
             except (OSError, ValueError, KeyError, RuntimeError) as err:
+                if self._peft and name in self.model.peft_config:
+                    self._delete(name)  # what a failed load left half-made
                 raise WeightsError(f"{label}: not a LoRA adapter for this base model: {err}") from None
             self.model.eval()
-            self._request_adapters += 1
             nbytes = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
                          if f".{name}." in n)
-        return RequestAdapter(name, nbytes, lambda: self._release(name))
+        adapter = RequestAdapter(name, nbytes)
+        weakref.finalize(adapter, self._retired.append, name)  # any thread; deleted on the model's
+        return adapter
 
-    def _release(self, name: str) -> None:
-        """Out of the adapter cache: deleted from the model once no running request uses it."""
-        with self.lock:
-            if self._users.get(name):
-                self._retired.add(name)
-            else:
-                self._delete(name)
+    def delete_retired_adapters(self) -> None:
+        """Delete from the model the request adapters nothing refers to any more (called under the
+        lock, between forwards)."""
+        while self._retired:
+            self._delete(self._retired.popleft())
 
     def _delete(self, name: str) -> None:
-        self.leave_batch(None)
-        self._retired.discard(name)
-        self._users.pop(name, None)
+        if not self._peft or name not in self.model.peft_config:
+            return
         self.model.delete_adapter(name)
+        left = list(self.model.peft_config)
+        if not left:  # the last one: back to the plain model (and its CUDA graphs)
+            self.model = self.model.unload()
+            self._peft = False
+        elif self.model.active_adapter not in self.model.peft_config:
+            # PeftModel checks its active adapter's config in every forward, even one that names
+            # each row's adapter; the layers themselves stay with none active
+            self.model.active_adapter = left[0]
 
     def adapter_args(self, feeds) -> dict:
-        """PEFT's per-row adapter names, once the model holds request adapters."""
-        return {"adapter_names": [f.adapter_name for f in feeds]} if self._request_adapters else {}
+        """PEFT's per-row adapter names, while the model holds request adapters."""
+        return {"adapter_names": [f.adapter_name for f in feeds]} if self._peft else {}
 
     # -- the batch scheduler's extras (scheduler.py) ------------------------------------------
     prefill_chunk = PREFILL_CHUNK  # a long prompt holds the others back one piece a step
@@ -227,6 +252,7 @@ class TransformersDecoder:
         if len(feeds) == 1 or not all(isinstance(f, DynamicFeed) and _plain_cache(f.cache) for f in feeds):
             return torch.stack([feed([token]) for feed, token in zip(feeds, tokens)])
         with self.lock, torch.inference_mode():
+            self.delete_retired_adapters()
             if self._batch is None or self._batch.feeds != tuple(feeds):
                 self.leave_batch(None)
                 self._batch = self._gather(tuple(feeds))

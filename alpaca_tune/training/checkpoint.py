@@ -194,7 +194,7 @@ def _load_optimizer(path: Path, state: dict, model, optimizer, scheduler, world)
         else:
             optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
         scheduler.load_state_dict(state["scheduler"])
-    except (ValueError, KeyError, TypeError, IndexError) as err:
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
         raise CheckpointError(f"{path}: optimizer state does not fit this run: {err}") from None
 
 

@@ -72,8 +72,9 @@ def test_static_cache_feeder_equals_dynamic_cache(model_and_tokenizer):
 
 
 def test_kept_feeder_is_reused_only_when_free_and_starts_empty(model_and_tokenizer):
-    """A model keeps one static-cache feeder per capacity bucket (a GPU's recorded graph is reused
-    by later requests); a reused one answers like a fresh cache, stale keys notwithstanding."""
+    """A model keeps its static-cache feeders per capacity bucket, as many as ran at once (a GPU's
+    recorded graph is reused by later requests); a reused one answers like a fresh cache, stale
+    keys notwithstanding."""
     from alpaca_tune.serving.cuda_graph import kept_feeder
 
     decoder, _ = model_and_tokenizer
@@ -86,6 +87,8 @@ def test_kept_feeder_is_reused_only_when_free_and_starts_empty(model_and_tokeniz
                 first(ids)
         with kept_feeder(model, 30) as again, decoder.feeder(16) as fresh:
             assert again is first and again.length == 0
+            with kept_feeder(model, 100) as second:
+                assert second is other  # the bucket's other feeder, kept too
             for ids in [PROMPT, [50], [51], [7]]:
                 torch.testing.assert_close(again(ids), fresh(ids), rtol=1e-5, atol=1e-5)
     with kept_feeder(model, 300) as larger:

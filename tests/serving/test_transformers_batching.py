@@ -190,22 +190,42 @@ def test_each_row_its_own_adapter_answers_as_that_adapter_alone(adapters, tiny_m
 
 
 def test_an_evicted_adapter_leaves_the_model_after_its_last_request(adapters, tiny_model_dir):
+    """Evicted from the cache while a request decodes with it, an adapter stays until that request
+    ends, then leaves the model at the next step; requests for the base and the other adapter go
+    on answering as alone, before and after."""
     served = served_by_transformers(tiny_model_dir)
     served.adapters.limits = Limits(max_cached_adapters=1)
     one, two = (data_uri(adapters[name].archive) for name in ("one", "two"))
-    expected = alone(served, ask(PROMPTS[0], one, max_new_tokens=40))
+    expected = {spec: alone(served, ask(PROMPTS[0], spec, max_new_tokens=40)) for spec in (one, two, "")}
+    assert len(set(expected.values())) == 3
     scheduler = served.batching(4)
     try:
         running = served.submit(scheduler, ask(PROMPTS[0], one, max_new_tokens=40))
         chunks = iter(running)
         head = next(chunks)
-        served.submit(scheduler, ask(PROMPTS[1], two)).first()  # two evicts one from the cache
-        names = set(served.decoder.model.peft_config)
-        assert len(names) == 2  # one is still in the model: a request is decoding with it
-        assert head + "".join(chunks) == expected
+        other = served.submit(scheduler, ask(PROMPTS[0], two, max_new_tokens=40))  # evicts one from the cache
+        assert len(served.decoder.model.peft_config) == 2  # one is still in the model: a request decodes with it
+        assert head + "".join(chunks) == expected[one]
+        assert "".join(other) == expected[two]
+        for spec in ("", two):  # the next steps delete one; the others answer as before
+            assert "".join(served.submit(scheduler, ask(PROMPTS[0], spec, max_new_tokens=40))) == expected[spec]
+        assert len(served.decoder.model.peft_config) == 1
+        assert "".join(served.submit(scheduler, ask(PROMPTS[0], one, max_new_tokens=40))) == expected[one]
     finally:
         scheduler.close()
-    assert len(served.decoder.model.peft_config) == 1  # gone with its last request
+
+
+def test_with_its_last_adapter_gone_the_model_is_the_plain_base_again(adapters, tiny_model_dir):
+    served = served_by_transformers(tiny_model_dir)
+    decoder = served.decoder
+    base_answer = alone(served, ask(PROMPTS[1]))
+    from peft import PeftModel
+
+    adapter = decoder.request_adapter(adapters["one"].adapter_dir, "one")
+    assert isinstance(decoder.model, PeftModel)
+    del adapter  # nothing refers to it: deleted at the next forward
+    assert alone(served, ask(PROMPTS[1])) == base_answer
+    assert type(decoder.model).__name__ == "LlamaForCausalLM" and not decoder._peft
 
 
 def test_a_server_with_its_adapter_merged_refuses_request_adapters(adapters, tiny_model_dir):

@@ -23,7 +23,9 @@ bits. Measured on SmolLM2's shapes against that numba loop (538 MB fp32, 2-core 
 + AMX, 2026-12-02): the products of 8 rows 30 ms instead of 41, of one row unchanged (21 ms,
 memory-bound); of one bf16 row 12 ms instead of 18 (the prefetch keeps the stream going while
 the widening runs). A numba loop with 16 explicit scalar accumulators was not vectorised (3-5x
-slower). End to end: scripts/bench_generate.py and bench_serve.py, BENCHMARKS.md.
+slower). End to end: scripts/bench_generate.py and bench_serve.py, BENCHMARKS.md. On a CPU
+without FMA (before 2013) the fused multiply-adds become calls to libm's fmaf: the same bits,
+several times slower.
 """
 
 from __future__ import annotations
@@ -178,6 +180,26 @@ def _dot_rows(typingctx, weight, row, x, first, out, count):
             _vector_dot_codegen(count.literal_value, elements[weight.dtype]))
 
 
+def _half_widening_symbol() -> None:
+    """Where the CPU lacks F16C, LLVM widens fp16 by a call to compiler-rt's __extendhfsf2, which
+    numba's JIT cannot resolve (LLVM aborts the process). libgcc has the same function: point the
+    JIT at it, so an fp16 checkpoint is widened in software there (exactly) instead of crashing."""
+    import ctypes
+
+    from llvmlite import binding
+
+    if binding.address_of_symbol("__extendhfsf2"):
+        return
+    try:
+        function = ctypes.CDLL("libgcc_s.so.1").__extendhfsf2
+    except (OSError, AttributeError):
+        return  # no libgcc: such a CPU cannot serve fp16 weights here
+    binding.add_symbol("__extendhfsf2", ctypes.cast(function, ctypes.c_void_p).value)
+
+
+_half_widening_symbol()
+
+
 @njit(parallel=True, cache=True)
 def _products(weight, x, out):
     """out[b] = weight @ x[b] for each row b of x [B, in]; one compiled version per storage dtype.
@@ -186,6 +208,8 @@ def _products(weight, x, out):
     same bits alone or with any company (tests/serving/lean/test_matvec.py)."""
     rows = weight.shape[0]
     batch = x.shape[0]
+    if x.shape[1] != weight.shape[1] or out.shape[0] != batch or out.shape[1] != rows:
+        raise ValueError("matvec: x [B, in] and out [B, out] do not fit the weight [out, in]")
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for row in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             first = 0

@@ -87,3 +87,31 @@ def test_matmat_rows_are_the_matvec_of_each_row_bit_for_bit(dtype, batch):
     assert got.shape == (batch, 130) and got.dtype == np.float32
     for row in range(batch):
         assert np.array_equal(got[row], matrix.matvec(x[row]))
+
+
+def test_shapes_that_do_not_fit_are_refused_not_read_past():
+    (matrix,) = stored(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="do not fit the weight"):
+        matrix.matvec(np.zeros(16, np.float32))
+
+
+def test_fp16_widens_without_f16c_too():
+    """A CPU without F16C (numba told to compile for a generic x86-64) widens fp16 in software:
+    the same products, no abort."""
+    import subprocess
+    import sys
+
+    script = ("import numpy as np, torch\n"
+              "from alpaca_tune.serving.lean.matvec import WeightArena\n"
+              "w = torch.randn(37, 70).to(torch.float16)\n"
+              "m = WeightArena([[w]]).store([w])\n"
+              "x = np.random.default_rng(0).standard_normal(70).astype(np.float32)\n"
+              "exact = w.double().numpy() @ x.astype(np.float64)\n"
+              "print(float(np.abs(m.matvec(x) - exact).max()))\n")
+    import os
+
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                                                      "numba-generic-cache")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-3
