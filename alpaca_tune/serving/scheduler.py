@@ -199,7 +199,11 @@ class Scheduler:
         self._admit(now)
         prefilling = next((r for r in self._running if r.fed < len(r.prompt_ids)), None)
         if prefilling is not None:
-            self._prefill(prefilling)
+            try:
+                self._prefill(prefilling)
+            except Exception as err:  # its prompt or its adapter: that request fails alone
+                log.exception("reading a prompt failed")
+                self._end(prefilling, err)
         decoding = [r for r in self._running if r.token is not None]
         if decoding:
             self._decode(decoding)
@@ -219,10 +223,15 @@ class Scheduler:
                 if self._reserved + request.capacity > self.kv_budget_tokens:
                     break  # FIFO: later requests wait behind this one
                 self._waiting.popleft()
+                request.stream.queue_time = now - request.submitted
+                try:
+                    request.feed = request.exits.enter_context(self.decoder.feeder(request.capacity, request.adapter))
+                except Exception as err:  # no cache for it: that request fails alone
+                    log.exception("starting a request failed")
+                    self._finish(request, err)
+                    continue
                 self._reserved += request.capacity
                 self._running.append(request)
-                request.stream.queue_time = now - request.submitted
-                request.feed = request.exits.enter_context(self.decoder.feeder(request.capacity, request.adapter))
 
     def _prefill(self, request: _Request) -> None:
         end = len(request.prompt_ids) if self.prefill_chunk is None else \

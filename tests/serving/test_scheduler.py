@@ -197,3 +197,17 @@ def test_a_busy_scheduler_logs_its_batch_and_kv_use(model, caplog):
     assert max(float(m[3]) for m in lines) == 2.0  # two rows a step while both slots decode
     assert max(int(m[5]) for m in lines) > 0
     assert (lines[-1][1], lines[-1][2], lines[-1][5]) == ("0", "0", "0")  # idle: nothing reserved
+
+
+def test_a_request_whose_prompt_fails_fails_alone(model, scheduler):
+    """An error while one request's prompt is read (here: an adapter object the decoder cannot
+    apply) ends that request with the error; the others in the batch answer as alone."""
+    keep = [settings(PROMPTS[0], max_new_tokens=30), settings(PROMPTS[2], max_new_tokens=30)]
+    expected = [alone(model, s) for s in keep]
+    streams = [model.submit(scheduler, s) for s in keep]
+    prompt_ids, params, stops, _ = model.request(settings(PROMPTS[3]))
+    broken = scheduler.submit(prompt_ids, params, stops, adapter=object())
+    with pytest.raises(AttributeError):
+        list(broken)
+    assert ["".join(stream) for stream in streams] == expected
+    assert scheduler.load == {"running": 0, "waiting": 0, "kv_reserved": 0}
