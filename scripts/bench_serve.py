@@ -13,7 +13,9 @@ clients serve, one request at a time, and the ratio between rounds is the batchi
 Reported per C: aggregate output tokens/s (the server's own output_token_count over the wall time
 of the round; a 409, which coglet answers for a few ms after each answer while it frees the slot,
 is retried and counted), time to first chunk (p50/p99 over requests) and the gap between chunks
-(p50/p99), and aggregate tokens/s relative to the first round. With --adapters K,...: the same at
+(p50/p99), and aggregate tokens/s relative to the first round. --repeats N runs every round N
+times, interleaved, and shows the median round of each level and every run's figures. With
+--adapters K,...: the same at
 each concurrency with every request naming one of K distinct adapters (lora_weights, round robin;
 random rank-8 LoRAs of q_proj and v_proj made for the run and served from
 $ALPACA_TUNE_ADAPTER_DIR), relative to the first round.
@@ -135,12 +137,21 @@ def one_round(server: CogServer, clients: int, pool: list[dict], max_new_tokens:
             "gap_p50": percentile(gaps, 0.5), "gap_p99": percentile(gaps, 0.99)}
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median tokens/s (failures and 409s summed over all of them)."""
+    ordered = sorted(rounds, key=lambda r: r["tokens_per_s"])
+    return {**ordered[len(ordered) // 2], "failed": sum(r["failed"] for r in rounds),
+            "retried": sum(r["retried"] for r in rounds)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated numbers of clients at once")
     parser.add_argument("--round", type=int, default=32,
                         help="predictions in every round, the same ones at each concurrency")
     parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every round this many times, interleaved; report each level's median")
     parser.add_argument("--base_model", default="", help="base model directory (default: the embedded SmolLM2)")
     parser.add_argument("--adapters", default="", help="comma-separated numbers of distinct per-request adapters "
                                                       "to mix (e.g. 1,4,16); default: none")
@@ -161,12 +172,13 @@ def main(argv: list[str] | None = None) -> None:
         with CogServer("predict", env=env) as server:
             server.wait_ready()
             one_round(server, 1, pool[:1], 8, names[:1])  # warm-up
-            if counts:
-                rows = [(f"{clients}x{count}", one_round(server, clients, pool, args.max_new_tokens, names[:count]))
-                        for clients in levels for count in counts]
-            else:
-                rows = [(str(clients), one_round(server, clients, pool, args.max_new_tokens))
-                        for clients in levels]
+            plan = [(f"{clients}x{count}", clients, names[:count]) for clients in levels for count in counts] \
+                if counts else [(str(clients), clients, None) for clients in levels]
+            runs: dict[str, list[dict]] = {name: [] for name, _, _ in plan}
+            for _ in range(args.repeats):  # interleaved, so a drifting machine moves every level alike
+                for name, clients, adapters in plan:
+                    runs[name].append(one_round(server, clients, pool, args.max_new_tokens, adapters))
+            rows = [(name, median_round(runs[name])) for name, _, _ in plan]
     reference = rows[0][1]["tokens_per_s"] if rows else None
     print(f"{'clients' + ('x adapters' if counts else ''):>18} {'requests':>8} {'failed':>6} {'409s':>5} {'tokens':>7} "
           f"{'tokens/s':>9} {'vs first':>8} {'TTFT p50':>9} {'p99':>7} {'gap p50':>8} {'p99':>7}")
@@ -174,6 +186,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:>18} {row['requests']:8d} {row['failed']:6d} {row['retried']:5d} {row['tokens']:7d} {row['tokens_per_s']:9.1f} "
               f"{row['tokens_per_s'] / reference:7.2f}x {row['ttft_p50'] * 1000:7.0f}ms {row['ttft_p99'] * 1000:5.0f}ms "
               f"{row['gap_p50'] * 1000:6.1f}ms {row['gap_p99'] * 1000:5.1f}ms")
+    if args.repeats > 1:
+        first = runs[rows[0][0]]
+        print("tokens/s of each run, and its ratio to the first level's in the same pass:")
+        for name, _ in rows:
+            print(f"{name:>18} " + "  ".join(f"{run['tokens_per_s']:.1f} ({run['tokens_per_s'] / base['tokens_per_s']:.2f}x)"
+                                          for run, base in zip(runs[name], first)))
 
 
 if __name__ == "__main__":

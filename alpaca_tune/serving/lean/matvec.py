@@ -200,9 +200,10 @@ def _half_widening_symbol() -> None:
 _half_widening_symbol()
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _products(weight, x, out):
     """out[b] = weight @ x[b] for each row b of x [B, in]; one compiled version per storage dtype.
+    Without the GIL, so the server's other threads (coglet's event loop, the streams) run meanwhile.
     Parallel over blocks of weight rows; each weight row is streamed once for 4 rows of x at a
     time, and every (row, b) is summed in _vector_dot_codegen's one order, so a row of x gets the
     same bits alone or with any company (tests/serving/lean/test_matvec.py)."""
