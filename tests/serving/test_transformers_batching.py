@@ -160,27 +160,22 @@ def test_another_architecture_batches_too(tiny_qwen2_dir):
         scheduler.close()
 
 
-@pytest.fixture(scope="module")
-def adapters(trained_adapters):
-    return trained_adapters
-
-
 def data_uri(path) -> str:
     return "data:application/gzip;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def test_each_row_its_own_adapter_answers_as_that_adapter_alone(adapters, tiny_model_dir):
+def test_each_row_its_own_adapter_answers_as_that_adapter_alone(trained_adapters, tiny_model_dir):
     """A base-only transformers server given adapters per request: a batch mixing two adapters
     and none answers each as that adapter served alone as COG_WEIGHTS (merged) on this path."""
     served = served_by_transformers(tiny_model_dir)
     plan = [(p, name) for p in PROMPTS[:4] for name in ("one", "two", None)]
-    merged = {name: served_by_transformers(tiny_model_dir, adapters[name].adapter_dir) if name else served
+    merged = {name: served_by_transformers(tiny_model_dir, trained_adapters[name].adapter_dir) if name else served
               for name in ("one", "two", None)}
     expected = [alone(merged[name], ask(prompt)) for prompt, name in plan]
     counter = CountingBatches(served.decoder)
     scheduler = served.batching(12)
     try:
-        streams = [served.submit(scheduler, ask(prompt, data_uri(adapters[name].archive) if name else ""))
+        streams = [served.submit(scheduler, ask(prompt, data_uri(trained_adapters[name].archive) if name else ""))
                    for prompt, name in plan]
         assert ["".join(stream) for stream in streams] == expected
     finally:
@@ -189,13 +184,13 @@ def test_each_row_its_own_adapter_answers_as_that_adapter_alone(adapters, tiny_m
     assert len(served.adapters) == 2 and served.adapters.fetches == 2
 
 
-def test_an_evicted_adapter_leaves_the_model_after_its_last_request(adapters, tiny_model_dir):
+def test_an_evicted_adapter_leaves_the_model_after_its_last_request(trained_adapters, tiny_model_dir):
     """Evicted from the cache while a request decodes with it, an adapter stays until that request
     ends, then leaves the model at the next step; requests for the base and the other adapter go
     on answering as alone, before and after."""
     served = served_by_transformers(tiny_model_dir)
     served.adapters.limits = Limits(max_cached_adapters=1)
-    one, two = (data_uri(adapters[name].archive) for name in ("one", "two"))
+    one, two = (data_uri(trained_adapters[name].archive) for name in ("one", "two"))
     expected = {spec: alone(served, ask(PROMPTS[0], spec, max_new_tokens=40)) for spec in (one, two, "")}
     assert len(set(expected.values())) == 3
     scheduler = served.batching(4)
@@ -215,23 +210,23 @@ def test_an_evicted_adapter_leaves_the_model_after_its_last_request(adapters, ti
         scheduler.close()
 
 
-def test_with_its_last_adapter_gone_the_model_is_the_plain_base_again(adapters, tiny_model_dir):
+def test_with_its_last_adapter_gone_the_model_is_the_plain_base_again(trained_adapters, tiny_model_dir):
     served = served_by_transformers(tiny_model_dir)
     decoder = served.decoder
     base_answer = alone(served, ask(PROMPTS[1]))
     from peft import PeftModel
 
-    adapter = decoder.request_adapter(adapters["one"].adapter_dir, "one")
+    adapter = decoder.request_adapter(trained_adapters["one"].adapter_dir, "one")
     assert isinstance(decoder.model, PeftModel)
     del adapter  # nothing refers to it: deleted at the next forward
     assert alone(served, ask(PROMPTS[1])) == base_answer
     assert type(decoder.model).__name__ == "LlamaForCausalLM" and not decoder._peft
 
 
-def test_a_server_with_its_adapter_merged_refuses_request_adapters(adapters, tiny_model_dir):
-    served = served_by_transformers(tiny_model_dir, adapters["one"].adapter_dir)
+def test_a_server_with_its_adapter_merged_refuses_request_adapters(trained_adapters, tiny_model_dir):
+    served = served_by_transformers(tiny_model_dir, trained_adapters["one"].adapter_dir)
     with pytest.raises(UserError, match="merged its own adapter .* serve the base alone"):
-        served.request(ask(PROMPTS[0], data_uri(adapters["two"].archive)))
+        served.request(ask(PROMPTS[0], data_uri(trained_adapters["two"].archive)))
 
 
 def test_the_kv_budget_counts_the_models_own_cache_size(llama):
