@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ...errors import UserError
 from ..decoder import eos_ids_in
+from .attention import attend_token
 from .lora_merge import lora_pairs, merge_lora
 from .matvec import Matrix, WeightArena, warm_up
 
@@ -165,6 +166,13 @@ class KVCache:
         self.keys_t[layer, :, :, self.length:end] = keys.transpose(0, 2, 1)
         self.values[layer, :, self.length:end] = values
         return self.keys_t[layer, :, :, :end], self.values[layer, :, :end]
+
+    def attend_token(self, layer: int, q: np.ndarray, key: np.ndarray, value: np.ndarray, out: np.ndarray) -> None:
+        """One new token: store its key and value [kv_heads, D] at the next position, and write
+        its attention (q [heads, D]) over every position so far into out [heads * D]."""
+        if self.length >= self.capacity:
+            raise ValueError(f"KV cache full: {self.length + 1} positions > capacity {self.capacity}")
+        attend_token(q, key, value, self.keys_t[layer], self.values[layer], self.length, out)
 
 
 @dataclass
@@ -399,8 +407,7 @@ class LeanLlama:
             qkv = qkv.reshape(count, heads + 2 * kv_heads, self.head_dim)
             qk = _rotate(qkv[:, :heads + kv_heads], cos, sin)  # [B, q and k heads, D]
             for row, cache in enumerate(caches):
-                keys_t, values = cache.extend(index, qk[row, heads:, None], qkv[row, heads + kv_heads:, None])
-                attended[row] = self._attend_one(qk[row, :heads, None], keys_t, values)[0]
+                cache.attend_token(index, qk[row, :heads], qk[row, heads:], qkv[row, heads + kv_heads:], attended[row])
             out = layer.o.matmat(attended)
             self._update(out, attended, (index, "o"), groups)
             x = x + out
@@ -438,13 +445,15 @@ class LeanLlama:
             qkv = qkv.reshape(count, heads + 2 * kv_heads, self.head_dim).transpose(1, 0, 2)
             qk = _rotate(qkv[:heads + kv_heads], cos, sin)  # q and k heads in one go
             q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
-            keys_t, values = cache.extend(index, k, v)
-            if count == 1:
-                attended = self._attend_one(q, keys_t, values)
-            elif start == 0:  # the prompt's first piece attends to itself
-                attended = self._attend_prompt(q, k, v)
-            else:  # a later piece: to the positions before it, and causally to itself
-                attended = self._attend_piece(q, keys_t, values, start)
+            if count == 1:  # as a batch step attends each row: the same kernel, the same bits
+                attended = np.empty((1, heads * self.head_dim), np.float32)
+                cache.attend_token(index, q[:, 0], k[:, 0], v[:, 0], attended[0])
+            else:
+                keys_t, values = cache.extend(index, k, v)
+                if start == 0:  # the prompt's first piece attends to itself
+                    attended = self._attend_prompt(q, k, v)
+                else:  # a later piece: to the positions before it, and causally to itself
+                    attended = self._attend_piece(q, keys_t, values, start)
             out = _product(attended, layer.o, self.scratch)
             self._update(out, attended, (index, "o"), groups)
             x = x + out
@@ -484,18 +493,6 @@ class LeanLlama:
             torch.from_numpy(q)[None], keys[None], torch.from_numpy(values)[None],
             attn_mask=allowed, enable_gqa=self.kv_heads != self.heads)[0].numpy()
         return attended.transpose(1, 0, 2).reshape(count, -1)
-
-    def _attend_one(self, q: np.ndarray, keys_t: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """One new token: q [heads, 1, D], keys_t [kv_heads, D, positions], values [kv_heads,
-        positions, D] -> [1, heads * D]. A handful of numpy calls, each a few times cheaper than
-        torch's on tensors this small (~1-3 vs ~5-10 us). Query head h reads kv head h // group, as transformers'
-        repeat_kv."""
-        group = self.heads // self.kv_heads
-        scores = q.reshape(self.kv_heads, group, self.head_dim) @ keys_t
-        scores *= np.float32(1 / math.sqrt(self.head_dim))
-        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        weights /= weights.sum(axis=-1, keepdims=True)
-        return (weights @ values).reshape(1, -1)
 
 
 def load_safetensors(base_dir: Path) -> dict[str, torch.Tensor]:

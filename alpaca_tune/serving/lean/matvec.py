@@ -17,10 +17,10 @@ Why the dot products are written as LLVM IR (_vector_dot_codegen) rather than as
 the batch scheduler needs a request's row of a batched product to be bit for bit what it gets
 alone, so its answer does not depend on its company. numba's vectorised loop sums in an order
 LLVM picks per loop, so a batched kernel could only repeat the single-row loop once per row,
-re-reading each weight row from L1 for every request; written with explicit 16-lane vectors and
-one fixed order, a weight vector is loaded once for 4 rows and every row still gets the same
-bits. Measured on SmolLM2's shapes against that numba loop (538 MB fp32, 2-core Xeon with AVX512
-+ AMX, 2026-12-02): the products of 8 rows 30 ms instead of 41, of one row unchanged (21 ms,
+re-reading each weight row from L1 for every request; written with explicit vectors (their
+width and count per CPU: vector_plan) and one fixed order, a weight vector is loaded once for
+several rows and every row still gets the same bits. Measured on SmolLM2's shapes against that
+numba loop (538 MB fp32, 2-core Xeon with AVX512 + AMX, 2026-12-02): the products of 8 rows 30 ms instead of 41, of one row unchanged (21 ms,
 memory-bound); of one bf16 row 12 ms instead of 18 (the prefetch keeps the stream going while
 the widening runs). A numba loop with 16 explicit scalar accumulators was not vectorised (3-5x
 slower). End to end: scripts/bench_generate.py and bench_serve.py, BENCHMARKS.md. On a CPU
@@ -43,20 +43,47 @@ ALIGN = 64  # bytes: a cache line, the widest vector load
 STORED = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-LANES, UNROLL = 16, 4  # each dot product: 4 vectors of 16 partial sums, 64 elements a step
 PREFETCH_BYTES = 1024  # how far ahead of the loads the weight is asked for
 
 
+def _has_avx512() -> bool:
+    """Whether the CPU numba compiles for has AVX-512 (its own features when NUMBA_CPU_FEATURES
+    names them, as for a cache built for other machines)."""
+    from llvmlite import binding
+    from numba.core import config
+
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else binding.get_host_cpu_features().flatten()
+    return "+avx512f" in features.split(",")
+
+
+def vector_plan(avx512: bool) -> tuple[int, int, int]:
+    """(LANES, UNROLL, COLUMNS) for a CPU: each dot product's UNROLL vectors of LANES partial sums,
+    and the rows of x that one pass over a weight row serves (the sums all stay in registers).
+    Measured on SmolLM2's products (scripts/bench_generate.py, BENCHMARKS.md):
+      - with AVX-512 (32 registers of 16 lanes; 2-core Xeon): 16 lanes x 4, 4 rows of x a pass;
+      - with AVX2 only (16 registers of 8 lanes; 2-core AMD EPYC, Zen 3): the same plan spills
+        half its sums to the stack; 8 lanes x 1, 4 rows a pass took 8 rows' products from 62 to
+        47 ms and 16 rows' from 109 to 80 (one row: 37 and 35 ms, memory-bound either way). More
+        partial sums per product (8 x 2, 8 x 4) or more rows a pass (6, 8) were slower or no
+        faster: there the loads of x from cache, not the arithmetic, set the pace."""
+    return (16, 4, 4) if avx512 else (8, 1, 4)
+
+
+# The order every dot product sums in depends on the first two, so a cache of compiled kernels is
+# only valid for CPUs of the same plan: numba keys its cache by the CPU's features.
+LANES, UNROLL, COLUMNS = vector_plan(_has_avx512())
+
+
 def _vector_dot_codegen(count: int, element: str):
-    """LLVM IR for `count` dot products of one weight row with `count` consecutive rows of x, all
+    """LLVM IR for the dot products of one weight row with `count` consecutive rows of x, each
     summed in one fixed order, whatever `count` is:
-      - 4 accumulators of 16 lanes; element i goes to lane i mod 16 of accumulator (i // 16) mod 4,
-        by a fused multiply-add (one rounding), 64 elements a step;
-      - the accumulators added as (a0 + a1) + (a2 + a3), then the elements left over 16 at a time
-        into that sum, then its 16 lanes halved and added down to one (8+8, 4+4, 2+2, 1+1);
-      - the last width mod 16 elements one by one, by scalar fused multiply-adds.
-    The weight is loaded once per step for all `count` rows (it stays in a register), and
-    asked for PREFETCH_BYTES ahead, so that streaming it from memory overlaps the arithmetic.
+      - UNROLL accumulators of LANES lanes; element i goes to lane i mod LANES of accumulator
+        (i // LANES) mod UNROLL, by a fused multiply-add (one rounding), LANES * UNROLL elements a step;
+      - the accumulators added as a balanced tree ((a0 + a1) + (a2 + a3) for four), then the
+        elements left over LANES at a time into that sum, then its lanes halved and added down to one;
+      - the last width mod LANES elements one by one, by scalar fused multiply-adds.
+    A step loads each weight vector once for all `count` rows of x (it stays in a register), and
+    asks for the weight PREFETCH_BYTES ahead, so that streaming it from memory overlaps the arithmetic.
     element: "f32", "bf16" (uint16 bits: the top half of an fp32) or "f16" (int16 bits)."""
     from llvmlite import ir
     from numba.core import cgutils
@@ -67,9 +94,12 @@ def _vector_dot_codegen(count: int, element: str):
     stored = f32 if element == "f32" else ir.IntType(16)
     itemsize = 4 if element == "f32" else 2
 
+    def const(value):
+        return ir.Constant(i64, value)
+
     def codegen(context, builder, signature, args):
-        weight_type, _, x_type, _, out_type, _ = signature.args
-        weight, row, x, first, out, _ = args
+        weight_type, _, x_type, _, out_type = signature.args[:5]
+        weight, row, x, first, out = args[:5]
         module = builder.module
         fma_vec = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{LANES}f32")
         fma_one = cgutils.get_or_insert_function(module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
@@ -81,11 +111,7 @@ def _vector_dot_codegen(count: int, element: str):
         o_array = context.make_array(out_type)(context, builder, out)
         rows, width = cgutils.unpack_tuple(builder, w_array.shape, 2)
         w_ptr = builder.gep(builder.bitcast(w_array.data, stored.as_pointer()), [builder.mul(row, width)])
-        x_ptr = builder.gep(x_array.data, [builder.mul(first, width)])
-        o_ptr = builder.gep(o_array.data, [builder.add(builder.mul(first, rows), row)])
-
-        def const(value):
-            return ir.Constant(i64, value)
+        x_ptrs = [builder.gep(x_array.data, [builder.mul(builder.add(first, const(k)), width)]) for k in range(count)]
 
         def widen(value, lanes):
             if element == "f32":
@@ -102,8 +128,7 @@ def _vector_dot_codegen(count: int, element: str):
             return widen(builder.load(pointer, align=itemsize), LANES)
 
         def load_x(k, offset):
-            pointer = builder.gep(x_ptr, [builder.add(builder.mul(const(k), width), offset)])
-            return builder.load(builder.bitcast(pointer, vec.as_pointer()), align=4)
+            return builder.load(builder.bitcast(builder.gep(x_ptrs[k], [offset]), vec.as_pointer()), align=4)
 
         def loop(name, start, end, stride, carried, body):
             """for i in range(start, end, stride): carried = body(i, carried); the final values."""
@@ -141,8 +166,10 @@ def _vector_dot_codegen(count: int, element: str):
         accumulators = loop("steps", const(0), main_end, step, [zero] * (count * UNROLL), main_step)
         sums = []
         for k in range(count):
-            a = accumulators[k * UNROLL:(k + 1) * UNROLL]
-            sums.append(builder.fadd(builder.fadd(a[0], a[1]), builder.fadd(a[2], a[3])))
+            tree = accumulators[k * UNROLL:(k + 1) * UNROLL]
+            while len(tree) > 1:  # a balanced tree: UNROLL is a power of two
+                tree = [builder.fadd(tree[j], tree[j + 1]) for j in range(0, len(tree), 2)]
+            sums.append(tree[0])
         vector_end = builder.mul(builder.udiv(width, const(LANES)), const(LANES))
         sums = loop("vectors", main_end, vector_end, LANES, sums, lambda i, acc: [
             builder.call(fma_vec, [load_w(i), load_x(k, i), acc[k]]) for k in range(count)])
@@ -159,19 +186,19 @@ def _vector_dot_codegen(count: int, element: str):
 
         def tail_step(i, acc):
             w = widen(builder.load(builder.gep(w_ptr, [i])), 0)
-            return [builder.call(fma_one, [w, builder.load(builder.gep(x_ptr, [builder.add(builder.mul(const(k), width), i)])),
-                                           acc[k]]) for k in range(count)]
+            return [builder.call(fma_one, [w, builder.load(builder.gep(x_ptrs[k], [i])), acc[k]]) for k in range(count)]
         totals = loop("tail", vector_end, width, 1, totals, tail_step)
         for k, total in enumerate(totals):
-            builder.store(total, builder.gep(o_ptr, [builder.mul(const(k), rows)]))
+            place = builder.add(builder.mul(builder.add(first, const(k)), rows), row)
+            builder.store(total, builder.gep(o_array.data, [place]))
         return context.get_dummy_value()
     return codegen
 
 
 @intrinsic
 def _dot_rows(typingctx, weight, row, x, first, out, count):
-    """out[first + k, row] = weight[row] . x[first + k] for k < count (a literal 1, 2 or 4); every
-    array C-contiguous, x and out fp32."""
+    """out[first + k, row] = weight[row] . x[first + k] for k < count (a literal); every array
+    C-contiguous, x and out fp32."""
     elements = {types.float32: "f32", types.uint16: "bf16", types.int16: "f16"}
     if (not isinstance(count, types.IntegerLiteral) or weight.dtype not in elements or x.dtype != types.float32
             or out.dtype != types.float32 or any(a.layout != "C" or a.ndim != 2 for a in (weight, x, out))):
@@ -204,8 +231,8 @@ _half_widening_symbol()
 def _products(weight, x, out):
     """out[b] = weight @ x[b] for each row b of x [B, in]; one compiled version per storage dtype.
     Without the GIL, so the server's other threads (coglet's event loop, the streams) run meanwhile.
-    Parallel over blocks of weight rows; each weight row is streamed once for 4 rows of x at a
-    time, and every (row, b) is summed in _vector_dot_codegen's one order, so a row of x gets the
+    Parallel over blocks of weight rows; each weight row is streamed once for COLUMNS rows of x
+    at a time, and every (row, b) is summed in _vector_dot_codegen's one order, so a row of x gets the
     same bits alone or with any company (tests/serving/lean/test_matvec.py)."""
     rows = weight.shape[0]
     batch = x.shape[0]
@@ -214,7 +241,10 @@ def _products(weight, x, out):
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for row in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             first = 0
-            while first + 4 <= batch:
+            while first + COLUMNS <= batch:
+                _dot_rows(weight, row, x, first, out, COLUMNS)
+                first += COLUMNS
+            while first + 4 <= batch:  # what is left (fewer than COLUMNS) in pieces of 4, 2, 1
                 _dot_rows(weight, row, x, first, out, 4)
                 first += 4
             if first + 2 <= batch:
