@@ -41,6 +41,12 @@ class PromptTemplate:
             return self.prompt_input.format(instruction=instruction, input=input)
         return self.prompt_no_input.format(instruction=instruction)
 
+    def head(self, input: str = "") -> str:
+        """The prompt's text before the instruction: the same for every instruction (with this input)."""
+        marker = "\x00instruction\x00"
+        rendered = self.render(marker, input)
+        return rendered[:rendered.index(marker)]
+
     def extract_response(self, text: str) -> str:
         """The answer part of a full prompt+answer text."""
         if self.response_split and self.response_split in text:

@@ -6,10 +6,12 @@ transformers_decoder.py's TransformersDecoder (GPU, other architectures, unmerge
     device           where the sampling generator and the token sequence live
     context_length   positions the model reads at most (a prompt must leave room for one more)
     eos_ids          the ids its configs say end generation (the tokenizer's EOS is added to them)
-    feeder(capacity, adapter=None)
+    feeder(capacity, adapter=None, shared_prefix=0)
                      a context manager giving feed(ids) -> fp32 logits [vocab] after those ids,
                      over a fresh KV cache of `capacity` positions: the prompt first, then one
-                     id at a time; `adapter`: a request's own, from request_adapter
+                     id at a time; `adapter`: a request's own, from request_adapter;
+                     `shared_prefix`: how many of the prompt's first ids are a head that many
+                     prompts share (a template's), whose KV cache the decoder may keep and reuse
     request_adapter(dir, label)
                      a request's own adapter (lora_weights) made ready to apply unmerged (its
                      .nbytes counted by the adapter cache); it lasts while referenced
@@ -40,7 +42,7 @@ class Decoder(Protocol):
     @property
     def eos_ids(self) -> frozenset[int]: ...
 
-    def feeder(self, capacity: int, adapter=None) -> contextlib.AbstractContextManager[Feed]: ...
+    def feeder(self, capacity: int, adapter=None, shared_prefix: int = 0) -> contextlib.AbstractContextManager[Feed]: ...
 
 
 def stop_ids(decoder: Decoder, tokenizer) -> frozenset[int]:

@@ -64,13 +64,13 @@ def time_limit_error(time_limit_s: float, tokens: int) -> TimeLimitError:
 @torch.inference_mode()
 def generate_token_ids(decoder: Decoder, prompt_ids: list[int], params: SamplingParams,
                        eos_ids: set[int] | frozenset[int], time_limit_s: float | None = None,
-                       adapter=None) -> Iterator[int]:
+                       adapter=None, shared_prefix: int = 0) -> Iterator[int]:
     """Yield generated ids one at a time (EOS excluded), reusing the KV cache between steps;
     TimeLimitError once `time_limit_s` have passed since the call."""
     started = time.monotonic()
     picker = TokenPicker(prompt_ids, params, eos_ids, decoder.device)
     capacity = len(prompt_ids) + params.max_new_tokens
-    with decoder.feeder(capacity, adapter) as feed:
+    with decoder.feeder(capacity, adapter, shared_prefix) as feed:
         logits = feed(prompt_ids)
         while not picker.full:
             if time_limit_s is not None and time.monotonic() - started > time_limit_s:
@@ -134,11 +134,12 @@ class TextAssembler:
 
 
 def stream_text(decoder: Decoder, tokenizer, prompt_ids: list[int], params: SamplingParams,
-                stop_sequences: list[str], time_limit_s: float | None = None, adapter=None) -> Iterator[str]:
+                stop_sequences: list[str], time_limit_s: float | None = None, adapter=None,
+                shared_prefix: int = 0) -> Iterator[str]:
     """Response text in chunks as tokens arrive; never the prompt, never a stop sequence."""
     eos_ids = stop_ids(decoder, tokenizer)
     text = TextAssembler(tokenizer, stop_sequences)
-    for token in generate_token_ids(decoder, prompt_ids, params, eos_ids, time_limit_s, adapter):
+    for token in generate_token_ids(decoder, prompt_ids, params, eos_ids, time_limit_s, adapter, shared_prefix):
         chunk = text.add(token)
         if chunk:
             yield chunk

@@ -114,10 +114,18 @@ class InstructModel:
         template = self.template_for(settings)
         return encode_prompt(self.tokenizer, template.render(settings.prompt, settings.input))
 
-    def request(self, settings: GenerateSettings) -> tuple[list[int], SamplingParams, list[str], object]:
-        """(prompt ids, sampling parameters, stop sequences, its own adapter or None) of a request;
-        a prompt too long for the model, or an adapter that cannot be used, is refused before
-        anything runs."""
+    def shared_prefix(self, settings: GenerateSettings, prompt_ids: list[int]) -> int:
+        """How many of the prompt's first ids are its template's head (the text before the
+        instruction, which every request with this template shares), less the head's last id,
+        which may merge with the instruction's first characters; 0 when the ids do not start so."""
+        head = encode_prompt(self.tokenizer, self.template_for(settings).head(settings.input))
+        count = len(head) - 1
+        return count if 0 < count < len(prompt_ids) and prompt_ids[:count] == head[:count] else 0
+
+    def request(self, settings: GenerateSettings) -> tuple[list[int], SamplingParams, list[str], object, int]:
+        """(prompt ids, sampling parameters, stop sequences, its own adapter or None, the length of
+        its shared head) of a request; a prompt too long for the model, or an adapter that cannot
+        be used, is refused before anything runs."""
         validate(settings)
         adapter = None
         if settings.lora_weights:
@@ -133,13 +141,14 @@ class InstructModel:
                                 f"most {context}: shorten it")
         # the answer ends where the model's context does, as transformers' generate would end it
         params = SamplingParams.from_settings(settings, max_new_tokens=min(settings.max_new_tokens, room))
-        return prompt_ids, params, parse_stop_sequences(settings.stop_sequences), adapter
+        return (prompt_ids, params, parse_stop_sequences(settings.stop_sequences), adapter,
+                self.shared_prefix(settings, prompt_ids))
 
     def stream(self, settings: GenerateSettings) -> Iterator[str]:
         """Chunks of the answer, decoded here alone (the command line's way)."""
-        prompt_ids, params, stops, adapter = self.request(settings)
+        prompt_ids, params, stops, adapter, shared = self.request(settings)
         return stream_text(self.decoder, self.tokenizer, prompt_ids, params, stops, self.limits.max_predict_seconds,
-                           adapter)
+                           adapter, shared)
 
     def batching(self, max_batch: int) -> Scheduler:
         """A scheduler that serves up to `max_batch` requests at once, batched (scheduler.py)."""

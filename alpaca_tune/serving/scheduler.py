@@ -90,6 +90,7 @@ class _Request:
     stream: Stream
     capacity: int  # KV positions reserved: prompt + max_new_tokens
     adapter: object = None  # its own adapter's updates (the decoder's feeder applies them)
+    shared_prefix: int = 0  # its prompt's first ids that many prompts share (the decoder may keep their KV)
     submitted: float = field(default_factory=time.monotonic)
     exits: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     feed: object = None
@@ -127,8 +128,9 @@ class Scheduler:
 
     # -- any thread ------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_sequences: list[str],
-               adapter=None) -> Stream:
-        """Queue a request; `adapter`: its own unmerged adapter (the decoder's updates), if any."""
+               adapter=None, shared_prefix: int = 0) -> Stream:
+        """Queue a request; `adapter`: its own unmerged adapter (the decoder's updates), if any;
+        `shared_prefix`: as the decoder's feeder takes it."""
         capacity = len(prompt_ids) + params.max_new_tokens
         if capacity > self.kv_budget_tokens:
             raise CapacityError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
@@ -137,7 +139,7 @@ class Scheduler:
         stream = Stream()
         stream.input_tokens = len(prompt_ids)
         request = _Request(prompt_ids, TokenPicker(prompt_ids, params, self.eos_ids, self.decoder.device),
-                           TextAssembler(self.tokenizer, stop_sequences), stream, capacity, adapter)
+                           TextAssembler(self.tokenizer, stop_sequences), stream, capacity, adapter, shared_prefix)
         with self._wake:
             if self._closing:
                 raise RuntimeError("the scheduler is closed")
@@ -225,7 +227,8 @@ class Scheduler:
                 self._waiting.popleft()
                 request.stream.queue_time = now - request.submitted
                 try:
-                    request.feed = request.exits.enter_context(self.decoder.feeder(request.capacity, request.adapter))
+                    feeder = self.decoder.feeder(request.capacity, request.adapter, request.shared_prefix)
+                    request.feed = request.exits.enter_context(feeder)
                 except Exception as err:  # no cache for it: that request fails alone
                     log.exception("starting a request failed")
                     self._finish(request, err)

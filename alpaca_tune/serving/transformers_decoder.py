@@ -160,7 +160,8 @@ class TransformersDecoder:
         return eos_ids_in(getattr(self.model, "generation_config", None), self.model.config)
 
     @contextlib.contextmanager
-    def feeder(self, capacity: int, adapter: RequestAdapter | None = None):
+    def feeder(self, capacity: int, adapter: RequestAdapter | None = None, shared_prefix: int = 0):
+        """shared_prefix: not used here (each prompt is read whole)."""
         from .cuda_graph import graphs_possible, kept_feeder
 
         with self.lock:

@@ -205,7 +205,7 @@ def test_a_request_whose_prompt_fails_fails_alone(model, scheduler):
     keep = [settings(PROMPTS[0], max_new_tokens=30), settings(PROMPTS[2], max_new_tokens=30)]
     expected = [alone(model, s) for s in keep]
     streams = [model.submit(scheduler, s) for s in keep]
-    prompt_ids, params, stops, _ = model.request(settings(PROMPTS[3]))
+    prompt_ids, params, stops, _, _ = model.request(settings(PROMPTS[3]))
     broken = scheduler.submit(prompt_ids, params, stops, adapter=object())
     with pytest.raises(AttributeError):
         list(broken)

@@ -20,10 +20,12 @@ logits and greedy tokens with transformers' LlamaForCausalLM.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,7 @@ from ...errors import UserError
 from ..decoder import eos_ids_in
 from .attention import attend_token
 from .lora_merge import lora_pairs, merge_lora
-from .matvec import Matrix, WeightArena, warm_up
+from .matvec import PLAN, Matrix, WeightArena, warm_up
 
 ROPE_TYPES = ("default", "linear", "llama3")
 DEVICE = torch.device("cpu")
@@ -42,6 +44,9 @@ DEVICE = torch.device("cpu")
 # batch scheduler (scheduler.py) can run other requests' steps between the pieces of a long
 # prompt and still compute exactly what a prompt fed whole computes here.
 PREFILL_CHUNK = 256
+# Shared prompt heads (a template's text before the instruction) whose KV cache is kept, per
+# adapter: the most recently used this many.
+SHARED_PREFIXES = 8
 
 
 class LeanModelError(UserError):
@@ -117,13 +122,15 @@ class Layer:
 
 
 def _product(x: np.ndarray, weight: Matrix, scratch: np.ndarray) -> np.ndarray:
-    """x [T, in] @ weight.T -> [T, out] in fp32: one token by the streaming kernel, a prompt by
-    torch in fp32 (a 16-bit weight widened into `scratch` first, once per matrix per prompt).
+    """x [T, in] @ weight.T -> [T, out] in fp32: one token, or a prompt piece of at most
+    PLAN.prompt_rows positions, by the streaming kernel (faster there on CPUs where torch's is
+    slow on few rows: matvec.vector_plan), a longer piece by torch in fp32 (a 16-bit weight
+    widened into `scratch` first, once per matrix per piece).
     Not OpenBLAS for the prompt: its threads spin ~0.1 s after a product and slowed the first
     tokens after every prompt 2-6x (fighting numba's threads); torch's prompt was as fast at 51
     and 500 tokens and ~20% faster at 2,000 (BENCHMARKS.md)."""
-    if x.shape[0] == 1:
-        return weight.matvec(x[0])[None]
+    if x.shape[0] <= max(1, PLAN.prompt_rows):
+        return weight.matmat(x)
     return (torch.from_numpy(x) @ torch.from_numpy(weight.float32(scratch)).T).numpy()
 
 
@@ -182,17 +189,27 @@ class LowRankUpdates:
     the head). Built by LeanLlama.low_rank_updates."""
     by_product: dict[tuple[int, str], list[tuple[int, int, np.ndarray, np.ndarray]]]
     nbytes: int
+    # the KV cache of shared prompt heads under this adapter (LeanLlama.restore_prefix); it goes with it
+    prefixes: collections.OrderedDict = field(default_factory=collections.OrderedDict, compare=False, repr=False)
 
 
 @dataclass
 class LeanFeed:
     """feed(ids) -> logits over one sequence's cache (the Decoder interface's feed), with the
-    request's own adapter, if any, applied unmerged."""
+    request's own adapter, if any, applied unmerged. The prompt's first `shared_prefix` ids (a
+    template's head, which many prompts share) go in as a piece of their own, whose KV cache the
+    model keeps: a later prompt with the same head copies it instead of computing it. Since the
+    head is a piece of its own whether it is computed or copied, a prompt's numbers are the same
+    either way."""
     model: LeanLlama
     cache: KVCache
     updates: LowRankUpdates | None = None
+    shared_prefix: int = 0
 
     def __call__(self, ids: list[int]) -> torch.Tensor:
+        if self.shared_prefix and self.cache.length == 0 and len(ids) > self.shared_prefix:
+            self.model.restore_prefix(ids[:self.shared_prefix], self.cache, self.updates)
+            ids = ids[self.shared_prefix:]
         return self.model.forward(ids, self.cache, updates=self.updates)
 
 
@@ -211,6 +228,8 @@ class LeanLlama:
         self.max_positions = config.get("max_position_embeddings", 4096)
         self.inv_freq = inverse_frequencies(config, self.head_dim)
         self.merged: dict = {}  # the adapter load() merged, as lora_pairs: a request's own takes it off
+        self.prefixes: collections.OrderedDict = collections.OrderedDict()  # shared heads' KV, no own adapter
+        self._prefix_lock = threading.Lock()
 
         def take(name: str) -> torch.Tensor:
             try:
@@ -286,8 +305,29 @@ class LeanLlama:
         return eos_ids_in(self.generation_config, self.config)
 
     @contextlib.contextmanager
-    def feeder(self, capacity: int, updates: LowRankUpdates | None = None):
-        yield LeanFeed(self, self.new_cache(capacity), updates)
+    def feeder(self, capacity: int, updates: LowRankUpdates | None = None, shared_prefix: int = 0):
+        # a head longer than a prefill piece is not worth a piece of its own
+        yield LeanFeed(self, self.new_cache(capacity), updates, shared_prefix if shared_prefix <= PREFILL_CHUNK else 0)
+
+    def restore_prefix(self, prefix: list[int], cache: KVCache, updates: LowRankUpdates | None = None) -> None:
+        """Fill an empty cache with a shared prompt head: copied from the kept ones, or computed
+        (as a piece of its own) and kept, at most SHARED_PREFIXES per adapter."""
+        kept = self.prefixes if updates is None else updates.prefixes
+        key, count = tuple(prefix), len(prefix)
+        with self._prefix_lock:
+            entry = kept.get(key)
+            if entry is not None:
+                kept.move_to_end(key)
+        if entry is not None:
+            cache.keys_t[:, :, :, :count] = entry[0]
+            cache.values[:, :, :count] = entry[1]
+            cache.length = count
+            return
+        self.forward(prefix, cache, logits=False, updates=updates)
+        with self._prefix_lock:
+            kept[key] = (cache.keys_t[:, :, :, :count].copy(), cache.values[:, :, :count].copy())
+            while len(kept) > SHARED_PREFIXES:
+                kept.popitem(last=False)
 
     def request_adapter(self, adapter_dir: Path, label: str) -> LowRankUpdates:
         """A request's own adapter (lora_weights, adapters.py), as low_rank_updates."""
@@ -355,12 +395,12 @@ class LeanLlama:
         in pieces of PREFILL_CHUNK positions, cut where the batch scheduler cuts them."""
         # A new token's products run on numba's threads. torch's own threads would spin between
         # its ops and starve them (measured 4 instead of 25 tokens/s, with OpenBLAS then), so
-        # torch keeps to the calling thread meanwhile; a prompt's products are torch's, on all
-        # its threads.
+        # torch keeps to the calling thread meanwhile (and for a short prompt, whose products are
+        # numba's too); a longer prompt's products are torch's, on all its threads.
         if not ids:
             raise ValueError("nothing to feed")
         threads = torch.get_num_threads()
-        torch.set_num_threads(1 if len(ids) == 1 else threads)
+        torch.set_num_threads(1 if len(ids) <= max(1, PLAN.prompt_rows) else threads)
         try:
             with np.errstate(over="ignore"):  # _silu's exp: overflow to inf is intended
                 done = 0

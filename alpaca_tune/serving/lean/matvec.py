@@ -31,6 +31,7 @@ several times slower.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -56,22 +57,30 @@ def _has_avx512() -> bool:
     return "+avx512f" in features.split(",")
 
 
-def vector_plan(avx512: bool) -> tuple[int, int, int]:
-    """(LANES, UNROLL, COLUMNS) for a CPU: each dot product's UNROLL vectors of LANES partial sums,
-    and the rows of x that one pass over a weight row serves (the sums all stay in registers).
-    Measured on SmolLM2's products (scripts/bench_generate.py, BENCHMARKS.md):
+class Plan(NamedTuple):
+    lanes: int  # each dot product sums in UNROLL vectors of LANES partial sums
+    unroll: int
+    columns: int  # rows of x that one pass over a weight row serves (their sums stay in registers)
+    prompt_rows: int  # prompt pieces of at most this many positions are multiplied here, not by torch
+
+
+def vector_plan(avx512: bool) -> Plan:
+    """How the kernels run on a CPU (with AVX-512 or with AVX2 only). Measured on SmolLM2's
+    products (scripts/bench_generate.py, BENCHMARKS.md):
       - with AVX-512 (32 registers of 16 lanes; 2-core Xeon): 16 lanes x 4, 4 rows of x a pass;
-      - with AVX2 only (16 registers of 8 lanes; 2-core AMD EPYC, Zen 3): the same plan spills
+        prompts by torch;
+      - with AVX2 only (16 registers of 8 lanes; 2-core AMD EPYC, Zen 3): the AVX-512 plan spills
         half its sums to the stack; 8 lanes x 1, 4 rows a pass took 8 rows' products from 62 to
         47 ms and 16 rows' from 109 to 80 (one row: 37 and 35 ms, memory-bound either way). More
         partial sums per product (8 x 2, 8 x 4) or more rows a pass (6, 8) were slower or no
-        faster: there the loads of x from cache, not the arithmetic, set the pace."""
-    return (16, 4, 4) if avx512 else (8, 1, 4)
+        faster: there the loads of x from cache, not the arithmetic, set the pace. torch's fp32
+        product (MKL) was slower than these kernels up to ~40 rows: a prompt piece of 8 / 16 /
+        32 positions took 137 / 137 / 178 ms by torch, 60 / 79 / 159 ms here (64: 243 vs 303)."""
+    return Plan(16, 4, 4, 0) if avx512 else Plan(8, 1, 4, 32)
 
 
-# The order every dot product sums in depends on the first two, so a cache of compiled kernels is
-# only valid for CPUs of the same plan: numba keys its cache by the CPU's features.
-LANES, UNROLL, COLUMNS = vector_plan(_has_avx512())
+PLAN = vector_plan(_has_avx512())
+LANES, UNROLL, COLUMNS = PLAN.lanes, PLAN.unroll, PLAN.columns
 
 
 def _vector_dot_codegen(count: int, element: str):
