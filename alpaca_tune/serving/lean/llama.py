@@ -7,10 +7,11 @@ So this module reads the same safetensors, merges the adapter (lora_merge.py), f
 gate/up into one product each, keeps a preallocated KV cache, and runs the step in numpy. A new
 token's products run on matvec.py's kernels, over weights kept in the checkpoint's dtype
 (bf16/fp16/fp32; a matrix with an adapter merged into it is fp32), widened to fp32 in registers;
-the prompt's products (many rows at once) on torch's in fp32. The small ops run in numpy too
-(norms, rotary, one token's attention), because torch's overhead per call (~5-10 us, ~25 calls
-a layer) on vectors this small was a fifth of each step. Only the prompt's attention (many
-tokens at once) and the rotary angles go through torch.
+a prompt's products (many rows at once) on torch's in fp32 (short pieces on matvec's, where
+its plan says so). One new token's attention is attention.py's kernel. The small ops run in
+numpy too (norms, rotary), because torch's overhead per call (~5-10 us, ~25 calls a layer) on
+vectors this small was a fifth of each step. Only the prompt's attention (many tokens at once)
+and the rotary angles go through torch.
 
 Only what the Llama family needs: RMSNorm, rotary embeddings (default, linear and llama3
 scaling), grouped-query attention, SiLU MLP, tied or separate output head, on CPU. Anything

@@ -20,9 +20,9 @@ LLVM picks per loop, so a batched kernel could only repeat the single-row loop o
 re-reading each weight row from L1 for every request; written with explicit vectors (their
 width and count per CPU: vector_plan) and one fixed order, a weight vector is loaded once for
 several rows and every row still gets the same bits. Measured on SmolLM2's shapes against that
-numba loop (538 MB fp32, 2-core Xeon with AVX512 + AMX, 2026-12-02): the products of 8 rows 30 ms instead of 41, of one row unchanged (21 ms,
-memory-bound); of one bf16 row 12 ms instead of 18 (the prefetch keeps the stream going while
-the widening runs). A numba loop with 16 explicit scalar accumulators was not vectorised (3-5x
+numba loop (538 MB fp32, 2-core Xeon with AVX512 + AMX, 2026-12-02): the products of 8 rows 30
+ms instead of 41, of one row unchanged (21 ms, memory-bound); of one bf16 row 12 ms instead of 18
+(the prefetch keeps the stream going while the widening runs). A numba loop with 16 explicit scalar accumulators was not vectorised (3-5x
 slower). End to end: scripts/bench_generate.py and bench_serve.py, BENCHMARKS.md. On a CPU
 without FMA (before 2013) the fused multiply-adds become calls to libm's fmaf: the same bits,
 several times slower.
@@ -60,27 +60,26 @@ def _has_avx512() -> bool:
 class Plan(NamedTuple):
     lanes: int  # each dot product sums in UNROLL vectors of LANES partial sums
     unroll: int
-    columns: int  # rows of x that one pass over a weight row serves (their sums stay in registers)
     prompt_rows: int  # prompt pieces of at most this many positions are multiplied here, not by torch
 
 
 def vector_plan(avx512: bool) -> Plan:
-    """How the kernels run on a CPU (with AVX-512 or with AVX2 only). Measured on SmolLM2's
-    products (scripts/bench_generate.py, BENCHMARKS.md):
-      - with AVX-512 (32 registers of 16 lanes; 2-core Xeon): 16 lanes x 4, 4 rows of x a pass;
-        prompts by torch;
+    """How the kernels run on a CPU (with AVX-512 or with AVX2 only); either way one pass over a
+    weight row serves 4 rows of x. Measured on SmolLM2's products (scripts/bench_generate.py,
+    BENCHMARKS.md):
+      - with AVX-512 (32 registers of 16 lanes; 2-core Xeon): 16 lanes x 4; prompts by torch;
       - with AVX2 only (16 registers of 8 lanes; 2-core AMD EPYC, Zen 3): the AVX-512 plan spills
-        half its sums to the stack; 8 lanes x 1, 4 rows a pass took 8 rows' products from 62 to
+        half its sums to the stack; 8 lanes x 1 took 8 rows' products from 62 to
         47 ms and 16 rows' from 109 to 80 (one row: 37 and 35 ms, memory-bound either way). More
         partial sums per product (8 x 2, 8 x 4) or more rows a pass (6, 8) were slower or no
         faster: there the loads of x from cache, not the arithmetic, set the pace. torch's fp32
         product (MKL) was slower than these kernels up to ~40 rows: a prompt piece of 8 / 16 /
         32 positions took 137 / 137 / 178 ms by torch, 60 / 79 / 159 ms here (64: 243 vs 303)."""
-    return Plan(16, 4, 4, 0) if avx512 else Plan(8, 1, 4, 32)
+    return Plan(16, 4, 0) if avx512 else Plan(8, 1, 32)
 
 
 PLAN = vector_plan(_has_avx512())
-LANES, UNROLL, COLUMNS = PLAN.lanes, PLAN.unroll, PLAN.columns
+LANES, UNROLL = PLAN.lanes, PLAN.unroll
 
 
 def _vector_dot_codegen(count: int, element: str):
@@ -240,8 +239,8 @@ _half_widening_symbol()
 def _products(weight, x, out):
     """out[b] = weight @ x[b] for each row b of x [B, in]; one compiled version per storage dtype.
     Without the GIL, so the server's other threads (coglet's event loop, the streams) run meanwhile.
-    Parallel over blocks of weight rows; each weight row is streamed once for COLUMNS rows of x
-    at a time, and every (row, b) is summed in _vector_dot_codegen's one order, so a row of x gets the
+    Parallel over blocks of weight rows; each weight row is streamed once for 4 rows of x at a
+    time, and every (row, b) is summed in _vector_dot_codegen's one order, so a row of x gets the
     same bits alone or with any company (tests/serving/lean/test_matvec.py)."""
     rows = weight.shape[0]
     batch = x.shape[0]
@@ -250,10 +249,7 @@ def _products(weight, x, out):
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for row in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             first = 0
-            while first + COLUMNS <= batch:
-                _dot_rows(weight, row, x, first, out, COLUMNS)
-                first += COLUMNS
-            while first + 4 <= batch:  # what is left (fewer than COLUMNS) in pieces of 4, 2, 1
+            while first + 4 <= batch:
                 _dot_rows(weight, row, x, first, out, 4)
                 first += 4
             if first + 2 <= batch:
