@@ -35,3 +35,32 @@ def test_a_full_cache_is_refused():
     cache.length = 2
     with pytest.raises(ValueError, match="KV cache full"):
         cache.attend_token(0, token, token, token, out)
+
+
+def test_a_batch_of_caches_of_their_own_sizes_equals_each_row_alone():
+    """attend_tokens finds each row's cache by address: rows with caches of different capacities,
+    lengths and layers get exactly what attend_token gives each alone, their keys and values
+    stored in their own cache's layer, the other layers untouched."""
+    from alpaca_tune.serving.lean.llama import TokenAttention
+
+    rng = np.random.default_rng(7)
+    heads, kv_heads, dim, layers = 6, 2, 16, 3
+    caches, alone = [], []
+    for capacity, length in ((40, 0), (130, 77), (9, 8), (64, 31)):
+        cache = KVCache(layers, kv_heads, dim, capacity)
+        cache.keys_t[:] = rng.standard_normal(cache.keys_t.shape)
+        cache.values[:] = rng.standard_normal(cache.values.shape)
+        cache.length = length
+        twin = KVCache(layers, kv_heads, dim, capacity)
+        twin.keys_t[:], twin.values[:], twin.length = cache.keys_t, cache.values, length
+        caches.append(cache)
+        alone.append(twin)
+    q = rng.standard_normal((len(caches), heads, dim)).astype(np.float32)
+    k, v = (rng.standard_normal((len(caches), kv_heads, dim)).astype(np.float32) for _ in range(2))
+    out = np.full((len(caches), heads * dim), np.nan, np.float32)
+    TokenAttention(caches)(1, q, k, v, out)
+    for row, (cache, twin) in enumerate(zip(caches, alone)):
+        expected = np.empty(heads * dim, np.float32)
+        attend_token(q[row], k[row], v[row], twin.keys_t[1], twin.values[1], twin.length, expected)
+        assert np.array_equal(out[row], expected)
+        assert np.array_equal(cache.keys_t, twin.keys_t) and np.array_equal(cache.values, twin.values)
