@@ -40,6 +40,7 @@ from alpaca_tune.data.tokenization import encode_prompt  # noqa: E402
 from alpaca_tune.serving.generation import generate_token_ids  # noqa: E402
 from alpaca_tune.serving.instruct import InstructModel  # noqa: E402
 from alpaca_tune.serving.sampling import SamplingParams  # noqa: E402
+from alpaca_tune.serving.threads import on_a_thread_of_its_own  # noqa: E402
 from alpaca_tune.serving.transformers_decoder import TransformersDecoder  # noqa: E402
 
 PROMPT = "Tell me about alpacas, their history in the Andes and how they differ from llamas."
@@ -64,6 +65,17 @@ def weight_bytes(model) -> int:
             seen.add(parameter.data_ptr())
             total += parameter.numel() * parameter.element_size()
     return total
+
+
+def alone(function, *args, **kwargs):
+    """function on a thread of its own (in inference mode), which ends with it: every measurement
+    then runs as the server runs its model, with no other thread's OpenMP team alive
+    (alpaca_tune/serving/threads.py)."""
+    def run():
+        with torch.inference_mode():
+            return function(*args, **kwargs)
+
+    return on_a_thread_of_its_own(run)
 
 
 def time_ours(decoder, prompt_ids, new_tokens) -> tuple[float, float]:
@@ -130,17 +142,17 @@ def main() -> None:
     # ours: the model exactly as the Predictor serves it (LeanLlama on CPU); theirs: transformers'
     served = InstructModel.load(None, base_model=args.base_model)
     base_dir = resolve_base_dir(args.base_model)
-    model, tokenizer = TransformersDecoder.load(base_dir).model, load_tokenizer(base_dir)
+    model, tokenizer = alone(TransformersDecoder.load, base_dir).model, load_tokenizer(base_dir)
     template, repeats = load_template("alpaca"), 1
     prompt_ids = encode_prompt(tokenizer, template.render(PROMPT))
     while len(prompt_ids) < args.prompt_tokens:
         repeats += 1
         prompt_ids = encode_prompt(tokenizer, template.render(" ".join([PROMPT] * repeats)))
     # correctness first: both sides produce the same greedy tokens
-    ours_tokens = list(generate_token_ids(served.decoder, prompt_ids,
-                                          SamplingParams(max_new_tokens=32, temperature=0.0), set()))
-    hf_tokens = model.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
+    ours_tokens = alone(lambda: list(generate_token_ids(served.decoder, prompt_ids,
+                                                        SamplingParams(max_new_tokens=32, temperature=0.0), set())))
+    hf_tokens = alone(model.generate, torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
     assert ours_tokens == hf_tokens, "greedy tokens differ from transformers' generate"
 
     # Each decoder against the bytes it reads: transformers' model is fp32 on CPU, while ours keeps
@@ -148,30 +160,29 @@ def main() -> None:
     per_token = weight_bytes(model)
     ours_per_token = getattr(served.decoder, "weight_bytes", per_token)
     reads = {"ours": ours_per_token}  # the others read `per_token`
-    buffer = torch.ones(1024 * 1024 * 1024 // 4, dtype=torch.float32)  # 1 GB, far beyond the caches
+    buffer = alone(torch.ones, 1024 * 1024 * 1024 // 4, dtype=torch.float32)  # 1 GB, far beyond the caches
 
     def bound(gbs: float, weight_bytes_read: int = per_token) -> float:
         return gbs * 1e9 / weight_bytes_read  # tokens/s
 
     rows, bandwidths = {}, []
     hf_batch = functools.partial(time_hf, batch=args.batch)
-    with torch.inference_mode():
-        decoders = [("ours", time_ours, served.decoder), ("hf-generate", time_hf, model)]
-        if args.batch:
-            via_transformers = InstructModel(TransformersDecoder(model), tokenizer, None)
-            decoders += [(f"ours x{args.batch}", functools.partial(time_ours_batched, batch=args.batch), served),
-                         (f"hf-generate x{args.batch}", hf_batch, model),
-                         ("tf-path", time_ours, via_transformers.decoder),
-                         (f"tf-path x{args.batch}", functools.partial(time_ours_batched, batch=args.batch),
-                          via_transformers)]
-        for name, timer, subject in decoders:
-            timer(subject, prompt_ids, 8)  # warm-up
-            runs = []
-            for _ in range(args.repeats):
-                bandwidths.append(measure_bandwidth_gbs(buffer))
-                ttft, rate = timer(subject, prompt_ids, args.new_tokens)
-                runs.append((ttft, rate, rate / bound(bandwidths[-1], reads.get(name, per_token))))
-            rows[name] = tuple(statistics.median(run[i] for run in runs) for i in range(3))
+    decoders = [("ours", time_ours, served.decoder), ("hf-generate", time_hf, model)]
+    if args.batch:
+        via_transformers = InstructModel(TransformersDecoder(model), tokenizer, None)
+        decoders += [(f"ours x{args.batch}", functools.partial(time_ours_batched, batch=args.batch), served),
+                     (f"hf-generate x{args.batch}", hf_batch, model),
+                     ("tf-path", time_ours, via_transformers.decoder),
+                     (f"tf-path x{args.batch}", functools.partial(time_ours_batched, batch=args.batch),
+                      via_transformers)]
+    for name, timer, subject in decoders:
+        alone(timer, subject, prompt_ids, 8)  # warm-up
+        runs = []
+        for _ in range(args.repeats):
+            bandwidths.append(alone(measure_bandwidth_gbs, buffer))
+            ttft, rate = alone(timer, subject, prompt_ids, args.new_tokens)
+            runs.append((ttft, rate, rate / bound(bandwidths[-1], reads.get(name, per_token))))
+        rows[name] = tuple(statistics.median(run[i] for run in runs) for i in range(3))
     print(f"machine: {device.describe_line()}")
     print(f"model {model.config.architectures[0]} {per_token / 1e6:.0f} MB of weights ({model.dtype}), "
           f"prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")

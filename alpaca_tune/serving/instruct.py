@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from .lean.lora_merge import unmergeable_reason
 from .limits import Limits
 from .sampling import SamplingParams
 from .scheduler import Scheduler, Stream
+from .threads import on_a_thread_of_its_own
 from .tokenizer import ServingTokenizer, can_serve
 from .transformers_decoder import TransformersDecoder
 from .weights import WeightsError, fetch_weights, read_training_config
@@ -67,16 +67,9 @@ class InstructModel:
     @classmethod
     def load(cls, weights: str | None = None, base_model: str = "", merge: bool = True) -> InstructModel:
         """Base model (+ adapter from an archive, a directory or an http(s) URL when weights is set).
-
         Loaded on a thread that ends when it is done, so that the caller's thread (coglet's main
-        thread, at setup) keeps no OpenMP thread team. torch and numba's kernels share one OpenMP
-        runtime (torch loads its libgomp globally), and while more of its threads exist than the
-        machine has cores, every team's idle threads go to sleep at once instead of spinning a few
-        ms: the batch scheduler's thread, which decodes, then waited to wake them at each of a
-        step's ~120 parallel products. Measured (2-core Xeon, AVX-512, SmolLM2): one token 34.7 ms
-        on the scheduler's thread after a load on the main thread, 24.5 ms after a load on a
-        thread of its own, as on the main thread alone."""
-        return _on_a_thread_of_its_own(cls._load, weights, base_model, merge)
+        thread, at setup) keeps no OpenMP threads that would slow the scheduler's (threads.py)."""
+        return on_a_thread_of_its_own(cls._load, weights, base_model, merge)
 
     @classmethod
     def _load(cls, weights: str | None, base_model: str, merge: bool) -> InstructModel:
@@ -174,24 +167,6 @@ class InstructModel:
     def submit(self, scheduler: Scheduler, settings: GenerateSettings) -> Stream:
         """Queue a request with the scheduler; its answer arrives on the returned Stream."""
         return scheduler.submit(*self.request(settings))
-
-
-def _on_a_thread_of_its_own(function, *args):
-    """function(*args) on a new thread, waited for: its result, or its exception raised here."""
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = function(*args)
-        except BaseException as err:  # handed to the caller, who handles it as if it ran there
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, name="alpaca-tune-load")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
 
 
 def default_kv_budget(decoder: Decoder, max_batch: int) -> int:
