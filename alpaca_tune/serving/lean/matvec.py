@@ -19,7 +19,8 @@ alone, so its answer does not depend on its company. numba's vectorised loop sum
 LLVM picks per loop, so a batched kernel could only repeat the single-row loop once per row,
 re-reading each weight row from L1 for every request; written with explicit vectors (their
 width and count per CPU: vector_plan) and one fixed order, a weight vector is loaded once for
-several rows and every row still gets the same bits. Measured on SmolLM2's shapes against that
+several rows of x and a vector of x once for several weight rows (a tile of sums held in
+registers), and every row still gets the same bits. Measured on SmolLM2's shapes against that
 numba loop (538 MB fp32, 2-core Xeon with AVX512 + AMX, 2026-12-02): the products of 8 rows 30
 ms instead of 41, of one row unchanged (21 ms, memory-bound); of one bf16 row 12 ms instead of 18
 (the prefetch keeps the stream going while the widening runs). A numba loop with 16 explicit scalar accumulators was not vectorised (3-5x
@@ -60,38 +61,49 @@ def _has_avx512() -> bool:
 class Plan(NamedTuple):
     lanes: int  # each dot product sums in UNROLL vectors of LANES partial sums
     unroll: int
+    weight_rows: int  # a pass reads this many weight rows for up to 4 rows of x (a register tile)
     prompt_rows: int  # prompt pieces of at most this many positions are multiplied here, not by torch
 
 
 def vector_plan(avx512: bool) -> Plan:
-    """How the kernels run on a CPU (with AVX-512 or with AVX2 only); either way one pass over a
-    weight row serves 4 rows of x. Measured on SmolLM2's products (scripts/bench_generate.py,
-    BENCHMARKS.md):
-      - with AVX-512 (32 registers of 16 lanes; 2-core Xeon): 16 lanes x 4; prompts by torch;
-      - with AVX2 only (16 registers of 8 lanes; 2-core AMD EPYC, Zen 3): the AVX-512 plan spills
-        half its sums to the stack; 8 lanes x 1 took 8 rows' products from 62 to
-        47 ms and 16 rows' from 109 to 80 (one row: 37 and 35 ms, memory-bound either way). More
-        partial sums per product (8 x 2, 8 x 4) or more rows a pass (6, 8) were slower or no
-        faster: there the loads of x from cache, not the arithmetic, set the pace. torch's fp32
-        product (MKL) was slower than these kernels up to ~40 rows: a prompt piece of 8 / 16 /
-        32 positions took 137 / 137 / 178 ms by torch, 60 / 79 / 159 ms here (64: 243 vs 303)."""
-    return Plan(16, 4, 0) if avx512 else Plan(8, 1, 32)
+    """How the kernels run on a CPU (with AVX-512 or with AVX2 only). Measured on SmolLM2's
+    products (30 layers' q/k/v, o, gate/up and down in fp32, best of 5; scripts/bench_generate.py
+    and BENCHMARKS.md for the end to end):
+      - with AVX-512 (32 registers of 16 lanes; 2-core Xeon, 2026-12-03, weights in the arena):
+        16 lanes x 1, a tile of 4 weight rows x 4 rows of x (16 sums in registers; a step loads 8
+        vectors for 16 fused multiply-adds, where one weight row a pass loaded 5 for 4) and the
+        next tile asked for while a tile's later passes run. Against 16 lanes x 4 on one weight
+        row: 1 row 13.8-14.7 instead of 16.8 ms, 8 rows 16.5-17.9 instead of 20.2, 32 rows 40-47
+        instead of 74 (torch 44). 16 x 2 on 3 weight rows, 4 x 6, 4 x 8 or 2 x 8 tiles were no
+        faster. Prompts by torch;
+      - with AVX2 only (16 registers of 8 lanes; 2-core AMD EPYC, Zen 3): the AVX-512 plan of
+        16 x 4 on one weight row spilled half its sums to the stack; 8 lanes x 1 took 8 rows'
+        products from 62 to 47 ms and 16 rows' from 109 to 80 (one row: 37 and 35 ms,
+        memory-bound either way). More partial sums per product (8 x 2, 8 x 4) or more rows of x
+        a pass (6, 8) were slower or no faster: there the loads of x from cache, not the
+        arithmetic, set the pace. (Tiles of several weight rows, which cut those loads, are not
+        measured there yet: one weight row a pass.) torch's fp32 product (MKL) was slower than
+        these kernels up to ~40 rows: a prompt piece of 8 / 16 / 32 positions took 137 / 137 /
+        178 ms by torch, 60 / 79 / 159 ms here (64: 243 vs 303)."""
+    return Plan(16, 1, 4, 0) if avx512 else Plan(8, 1, 1, 32)
 
 
 PLAN = vector_plan(_has_avx512())
-LANES, UNROLL = PLAN.lanes, PLAN.unroll
+LANES, UNROLL, WEIGHT_ROWS = PLAN.lanes, PLAN.unroll, PLAN.weight_rows
 
 
-def _vector_dot_codegen(count: int, element: str):
-    """LLVM IR for the dot products of one weight row with `count` consecutive rows of x, each
-    summed in one fixed order, whatever `count` is:
+def _vector_dot_codegen(weight_rows: int, count: int, element: str):
+    """LLVM IR for the dot products of `weight_rows` consecutive weight rows with `count`
+    consecutive rows of x, each (weight row, x row) summed in one fixed order, whatever the tile:
       - UNROLL accumulators of LANES lanes; element i goes to lane i mod LANES of accumulator
         (i // LANES) mod UNROLL, by a fused multiply-add (one rounding), LANES * UNROLL elements a step;
       - the accumulators added as a balanced tree ((a0 + a1) + (a2 + a3) for four), then the
         elements left over LANES at a time into that sum, then its lanes halved and added down to one;
       - the last width mod LANES elements one by one, by scalar fused multiply-adds.
-    A step loads each weight vector once for all `count` rows of x (it stays in a register), and
-    asks for the weight PREFETCH_BYTES ahead, so that streaming it from memory overlaps the arithmetic.
+    A step loads each weight vector once for all `count` rows of x and each vector of x once for
+    all `weight_rows` rows of the weight (both stay in registers), and asks for each weight row
+    `ahead` bytes (a runtime argument) past what it loads, so that streaming the weight from
+    memory overlaps the arithmetic.
     element: "f32", "bf16" (uint16 bits: the top half of an fp32) or "f16" (int16 bits)."""
     from llvmlite import ir
     from numba.core import cgutils
@@ -101,13 +113,14 @@ def _vector_dot_codegen(count: int, element: str):
     step = LANES * UNROLL
     stored = f32 if element == "f32" else ir.IntType(16)
     itemsize = 4 if element == "f32" else 2
+    pairs = [(j, k) for j in range(weight_rows) for k in range(count)]
 
     def const(value):
         return ir.Constant(i64, value)
 
     def codegen(context, builder, signature, args):
         weight_type, _, x_type, _, out_type = signature.args[:5]
-        weight, row, x, first, out = args[:5]
+        weight, row, x, first, out, ahead = args[:6]
         module = builder.module
         fma_vec = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{LANES}f32")
         fma_one = cgutils.get_or_insert_function(module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
@@ -118,7 +131,8 @@ def _vector_dot_codegen(count: int, element: str):
         x_array = context.make_array(x_type)(context, builder, x)
         o_array = context.make_array(out_type)(context, builder, out)
         rows, width = cgutils.unpack_tuple(builder, w_array.shape, 2)
-        w_ptr = builder.gep(builder.bitcast(w_array.data, stored.as_pointer()), [builder.mul(row, width)])
+        w_base = builder.bitcast(w_array.data, stored.as_pointer())
+        w_ptrs = [builder.gep(w_base, [builder.mul(builder.add(row, const(j)), width)]) for j in range(weight_rows)]
         x_ptrs = [builder.gep(x_array.data, [builder.mul(builder.add(first, const(k)), width)]) for k in range(count)]
 
         def widen(value, lanes):
@@ -131,8 +145,8 @@ def _vector_dot_codegen(count: int, element: str):
             half = ir.VectorType(ir.HalfType(), lanes) if lanes else ir.HalfType()
             return builder.fpext(builder.bitcast(value, half), vec if lanes else f32)
 
-        def load_w(offset):
-            pointer = builder.bitcast(builder.gep(w_ptr, [offset]), ir.VectorType(stored, LANES).as_pointer())
+        def load_w(j, offset):
+            pointer = builder.bitcast(builder.gep(w_ptrs[j], [offset]), ir.VectorType(stored, LANES).as_pointer())
             return widen(builder.load(pointer, align=itemsize), LANES)
 
         def load_x(k, offset):
@@ -160,27 +174,34 @@ def _vector_dot_codegen(count: int, element: str):
             return phis
 
         def main_step(i, accumulators):
-            prefetch_at = builder.bitcast(builder.gep(w_ptr, [i]), bytes_ptr)
-            for line in range(0, step * itemsize, 64):
-                builder.call(prefetch, [builder.gep(prefetch_at, [const(PREFETCH_BYTES + line)]),
-                                        ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-            weights = [load_w(builder.add(i, const(u * LANES))) for u in range(UNROLL)]
-            return [builder.call(fma_vec, [weights[u], load_x(k, builder.add(i, const(u * LANES))),
-                                           accumulators[k * UNROLL + u]])
-                    for k in range(count) for u in range(UNROLL)]
+            for j in range(weight_rows):
+                prefetch_at = builder.bitcast(builder.gep(w_ptrs[j], [i]), bytes_ptr)
+                for line in range(0, step * itemsize, 64):
+                    builder.call(prefetch, [builder.gep(prefetch_at, [builder.add(ahead, const(line))]),
+                                            ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            updated = list(accumulators)
+            for u in range(UNROLL):
+                offset = builder.add(i, const(u * LANES))
+                weights = [load_w(j, offset) for j in range(weight_rows)]
+                for k in range(count):
+                    x_vector = load_x(k, offset)
+                    for j in range(weight_rows):
+                        place = (j * count + k) * UNROLL + u
+                        updated[place] = builder.call(fma_vec, [weights[j], x_vector, accumulators[place]])
+            return updated
 
         zero = ir.Constant(vec, [0.0] * LANES)
         main_end = builder.mul(builder.udiv(width, const(step)), const(step))
-        accumulators = loop("steps", const(0), main_end, step, [zero] * (count * UNROLL), main_step)
+        accumulators = loop("steps", const(0), main_end, step, [zero] * (len(pairs) * UNROLL), main_step)
         sums = []
-        for k in range(count):
-            tree = accumulators[k * UNROLL:(k + 1) * UNROLL]
+        for p in range(len(pairs)):
+            tree = accumulators[p * UNROLL:(p + 1) * UNROLL]
             while len(tree) > 1:  # a balanced tree: UNROLL is a power of two
-                tree = [builder.fadd(tree[j], tree[j + 1]) for j in range(0, len(tree), 2)]
+                tree = [builder.fadd(tree[t], tree[t + 1]) for t in range(0, len(tree), 2)]
             sums.append(tree[0])
         vector_end = builder.mul(builder.udiv(width, const(LANES)), const(LANES))
         sums = loop("vectors", main_end, vector_end, LANES, sums, lambda i, acc: [
-            builder.call(fma_vec, [load_w(i), load_x(k, i), acc[k]]) for k in range(count)])
+            builder.call(fma_vec, [load_w(j, i), load_x(k, i), acc[p]]) for p, (j, k) in enumerate(pairs)])
         totals = []
         for total in sums:
             lanes = LANES
@@ -193,26 +214,29 @@ def _vector_dot_codegen(count: int, element: str):
             totals.append(builder.extract_element(total, ir.Constant(i32, 0)))
 
         def tail_step(i, acc):
-            w = widen(builder.load(builder.gep(w_ptr, [i])), 0)
-            return [builder.call(fma_one, [w, builder.load(builder.gep(x_ptrs[k], [i])), acc[k]]) for k in range(count)]
+            ws = [widen(builder.load(builder.gep(w_ptrs[j], [i])), 0) for j in range(weight_rows)]
+            return [builder.call(fma_one, [ws[j], builder.load(builder.gep(x_ptrs[k], [i])), acc[p]])
+                    for p, (j, k) in enumerate(pairs)]
         totals = loop("tail", vector_end, width, 1, totals, tail_step)
-        for k, total in enumerate(totals):
-            place = builder.add(builder.mul(builder.add(first, const(k)), rows), row)
+        for total, (j, k) in zip(totals, pairs):
+            place = builder.add(builder.mul(builder.add(first, const(k)), rows), builder.add(row, const(j)))
             builder.store(total, builder.gep(o_array.data, [place]))
         return context.get_dummy_value()
     return codegen
 
 
 @intrinsic
-def _dot_rows(typingctx, weight, row, x, first, out, count):
-    """out[first + k, row] = weight[row] . x[first + k] for k < count (a literal); every array
-    C-contiguous, x and out fp32."""
+def _dot_tile(typingctx, weight, row, x, first, out, ahead, weight_rows, count):
+    """out[first + k, row + j] = weight[row + j] . x[first + k] for j < weight_rows, k < count
+    (literals), prefetching `ahead` bytes past each load of the weight; every array C-contiguous,
+    x and out fp32."""
     elements = {types.float32: "f32", types.uint16: "bf16", types.int16: "f16"}
-    if (not isinstance(count, types.IntegerLiteral) or weight.dtype not in elements or x.dtype != types.float32
+    if (not isinstance(count, types.IntegerLiteral) or not isinstance(weight_rows, types.IntegerLiteral)
+            or weight.dtype not in elements or x.dtype != types.float32
             or out.dtype != types.float32 or any(a.layout != "C" or a.ndim != 2 for a in (weight, x, out))):
         return None  # numba then reports no matching signature
-    return (types.void(weight, row, x, first, out, count),
-            _vector_dot_codegen(count.literal_value, elements[weight.dtype]))
+    return (types.void(weight, row, x, first, out, ahead, weight_rows, count),
+            _vector_dot_codegen(weight_rows.literal_value, count.literal_value, elements[weight.dtype]))
 
 
 def _half_widening_symbol() -> None:
@@ -235,28 +259,46 @@ def _half_widening_symbol() -> None:
 _half_widening_symbol()
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _row_tiles(weight, row, x, out, weight_rows):
+    """Weight rows row..row + weight_rows (a literal) times every row of x: 4 rows of x a pass,
+    then 2, then 1."""
+    batch = x.shape[0]
+    first = 0
+    # a tile's first pass streams it from memory, asking PREFETCH_BYTES ahead; a later pass reads
+    # it from cache and asks for the next tile meanwhile (8 rows' products 17 instead of 19.5 ms)
+    ahead, tile_bytes = PREFETCH_BYTES, weight_rows * weight.shape[1] * weight.itemsize
+    while first + 4 <= batch:
+        _dot_tile(weight, row, x, first, out, ahead, weight_rows, 4)
+        first += 4
+        ahead = tile_bytes
+    if first + 2 <= batch:
+        _dot_tile(weight, row, x, first, out, ahead, weight_rows, 2)
+        first += 2
+        ahead = tile_bytes
+    if first < batch:
+        _dot_tile(weight, row, x, first, out, ahead, weight_rows, 1)
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def _products(weight, x, out):
     """out[b] = weight @ x[b] for each row b of x [B, in]; one compiled version per storage dtype.
     Without the GIL, so the server's other threads (coglet's event loop, the streams) run meanwhile.
-    Parallel over blocks of weight rows; each weight row is streamed once for 4 rows of x at a
-    time, and every (row, b) is summed in _vector_dot_codegen's one order, so a row of x gets the
-    same bits alone or with any company (tests/serving/lean/test_matvec.py)."""
+    Parallel over blocks of weight rows; each block is streamed in tiles of WEIGHT_ROWS rows (a
+    last few one at a time), each tile once for 4 rows of x at a time, and every (row, b) is
+    summed in _vector_dot_codegen's one order, so a row of x gets the same bits alone or with any
+    company (tests/serving/lean/test_matvec.py)."""
     rows = weight.shape[0]
-    batch = x.shape[0]
-    if x.shape[1] != weight.shape[1] or out.shape[0] != batch or out.shape[1] != rows:
+    if x.shape[1] != weight.shape[1] or out.shape[0] != x.shape[0] or out.shape[1] != rows:
         raise ValueError("matvec: x [B, in] and out [B, out] do not fit the weight [out, in]")
     for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for row in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            first = 0
-            while first + 4 <= batch:
-                _dot_rows(weight, row, x, first, out, 4)
-                first += 4
-            if first + 2 <= batch:
-                _dot_rows(weight, row, x, first, out, 2)
-                first += 2
-            if first < batch:
-                _dot_rows(weight, row, x, first, out, 1)
+        row, end = task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)
+        while row + WEIGHT_ROWS <= end:
+            _row_tiles(weight, row, x, out, WEIGHT_ROWS)
+            row += WEIGHT_ROWS
+        while row < end:
+            _row_tiles(weight, row, x, out, 1)
+            row += 1
 
 
 # How each dtype is stored: numpy has no bf16, and numba no fp16 arrays, so both as 16-bit integers,
