@@ -19,6 +19,9 @@ transformers_decoder.py's TransformersDecoder (GPU, other architectures, unmerge
 The batch scheduler (scheduler.py) also uses, where a decoder has them:
     prefill_chunk            the most prompt positions to feed at once (else the whole prompt)
     feed_batch(feeds, ids)   one id for each of several feeds at once -> logits [B, vocab]
+    feed_batch_and_piece(feeds, ids, feed, piece)
+                             feed_batch(feeds, ids) and feed(piece) (a piece of a prompt) in one
+                             call -> (logits [B, vocab], the piece's last logits [vocab])
     kv_bytes_per_position    what one position of a sequence's KV cache takes
 """
 

@@ -11,6 +11,8 @@ request reserves its prompt plus max_new_tokens). A step then:
     token is picked;
   - feeds every decoding request's last token in one batched call (decoder.feed_batch where the
     decoder has it: LeanLlama reads each weight once for all rows), and picks each one's next.
+    Where the decoder has feed_batch_and_piece, the prompt piece goes in that same call (LeanLlama:
+    a short piece's rows ride in the decoding rows' pass over the weights).
 Every log_every_s while busy (and when it falls idle) it logs one line: requests running and
 waiting, the mean batch of the decode steps, tokens/s, and the KV-cache positions reserved.
 Each request samples with its own TokenPicker (its settings and its own seeded generator) and
@@ -118,6 +120,7 @@ class Scheduler:
         self._load = _Load()
         self.eos_ids = stop_ids(decoder, tokenizer)
         self.prefill_chunk = getattr(decoder, "prefill_chunk", None)
+        self._feed_batch_and_piece = getattr(decoder, "feed_batch_and_piece", None)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
         self._reserved = 0
@@ -200,6 +203,10 @@ class Scheduler:
                 self._end(request, time_limit_error(self.time_limit_s, request.picker.generated))
         self._admit(now)
         prefilling = next((r for r in self._running if r.fed < len(r.prompt_ids)), None)
+        decoding = [r for r in self._running if r.token is not None]
+        if prefilling is not None and decoding and self._feed_batch_and_piece is not None:
+            self._decode(decoding, prefilling)  # the piece goes with the decoding rows' pass
+            return
         if prefilling is not None:
             try:
                 self._prefill(prefilling)
@@ -236,18 +243,39 @@ class Scheduler:
                 self._reserved += request.capacity
                 self._running.append(request)
 
-    def _prefill(self, request: _Request) -> None:
-        end = len(request.prompt_ids) if self.prefill_chunk is None else \
+    def _piece_end(self, request: _Request) -> int:
+        """Where the request's next prompt piece ends."""
+        return len(request.prompt_ids) if self.prefill_chunk is None else \
             min(len(request.prompt_ids), request.fed + self.prefill_chunk)
+
+    def _prefill(self, request: _Request) -> None:
+        end = self._piece_end(request)
         logits = request.feed(request.prompt_ids[request.fed:end])
         request.fed = end
         if end == len(request.prompt_ids):
             self._picked(request, logits)
 
-    def _decode(self, requests: list[_Request]) -> None:
+    def _decode(self, requests: list[_Request], prefilling: _Request | None = None) -> None:
+        """One token for each of `requests`, and with them the next piece of `prefilling`'s
+        prompt where given (the decoder's feed_batch_and_piece)."""
         self._load.steps += 1
         self._load.rows += len(requests)
         tokens = [r.token for r in requests]
+        if prefilling is not None:
+            end = self._piece_end(prefilling)
+            try:
+                logits, last = self._feed_batch_and_piece([r.feed for r in requests], tokens, prefilling.feed,
+                                                          prefilling.prompt_ids[prefilling.fed:end])
+            except Exception as err:  # taken for its prompt's: that request fails alone, the others step without it
+                log.exception("reading a prompt failed")
+                self._end(prefilling, err)
+            else:
+                prefilling.fed = end
+                for request, row in zip(requests, logits):
+                    self._picked(request, row)
+                if end == len(prefilling.prompt_ids):
+                    self._picked(prefilling, last)
+                return
         feed_batch = getattr(self.decoder, "feed_batch", None)
         if feed_batch is not None:
             logits = feed_batch([r.feed for r in requests], tokens)

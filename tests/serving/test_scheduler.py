@@ -61,16 +61,23 @@ def test_a_batch_of_mixed_lengths_gives_each_its_answer_alone(model, scheduler):
     assert scheduler.load == {"running": 0, "waiting": 0, "kv_reserved": 0}
 
 
-def test_requests_joining_and_leaving_mid_way(model, scheduler):
+def test_requests_joining_and_leaving_mid_way(model, scheduler, monkeypatch):
+    """Those that join while others decode read their prompts in the decoding rows' steps
+    (feed_batch_and_piece) and still answer as alone."""
     first = [settings(PROMPTS[0], max_new_tokens=60), settings(PROMPTS[1], max_new_tokens=8)]
     later = [settings(p) for p in PROMPTS[2:5]]
     expected = [alone(model, s) for s in first + later]
+    pieces = []
+    inner = scheduler._feed_batch_and_piece
+    monkeypatch.setattr(scheduler, "_feed_batch_and_piece", lambda feeds, tokens, feed, ids: (
+        pieces.append((len(feeds), len(ids))), inner(feeds, tokens, feed, ids))[1])
     streams = [model.submit(scheduler, s) for s in first]
     chunks = iter(streams[0])
     head = [next(chunks), next(chunks)]  # the first request is decoding: the others join now
     streams += [model.submit(scheduler, s) for s in later]
     got = ["".join(head) + "".join(chunks)] + ["".join(stream) for stream in streams[1:]]
     assert got == expected
+    assert len(pieces) >= len(later) and all(rows >= 1 and length >= 1 for rows, length in pieces)
 
 
 def test_seeded_sampling_is_the_same_in_any_company(model, scheduler):

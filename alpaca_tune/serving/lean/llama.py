@@ -229,10 +229,14 @@ class LeanFeed:
     shared_prefix: int = 0
 
     def __call__(self, ids: list[int]) -> torch.Tensor:
+        return self.model.forward(self.after_shared_prefix(ids), self.cache, updates=self.updates)
+
+    def after_shared_prefix(self, ids: list[int]) -> list[int]:
+        """The ids still to feed once the shared head (if `ids` start the prompt with it) is in."""
         if self.shared_prefix and self.cache.length == 0 and len(ids) > self.shared_prefix:
             self.model.restore_prefix(ids[:self.shared_prefix], self.cache, self.updates)
-            ids = ids[self.shared_prefix:]
-        return self.model.forward(ids, self.cache, updates=self.updates)
+            return ids[self.shared_prefix:]
+        return ids
 
 
 class LeanLlama:
@@ -394,8 +398,8 @@ class LeanLlama:
         others share its adapter)."""
         for rows, updates in groups:
             for first, end, a, b in updates.by_product.get(key, ()):
-                if isinstance(rows, slice):
-                    out[rows, first:end] += (x[rows] @ a.T) @ b.T
+                if isinstance(rows, slice):  # a copy: a piece's rows in a batch step, as alone
+                    out[rows, first:end] += (x[rows].copy() @ a.T) @ b.T
                 else:
                     for row in rows:
                         out[row, first:end] += (x[row] @ a.T) @ b.T
@@ -405,6 +409,28 @@ class LeanLlama:
 
     def feed_batch(self, feeds: list[LeanFeed], tokens: list[int]) -> torch.Tensor:
         return self.forward_batch([feed.cache for feed in feeds], tokens, [feed.updates for feed in feeds])
+
+    def feed_batch_and_piece(self, feeds: list[LeanFeed], tokens: list[int], feed: LeanFeed,
+                             ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """feed_batch(feeds, tokens) and feed(ids) (a piece of a prompt, as the scheduler cuts
+        them), in one pass over the weights where the piece is short enough for the decoding
+        kernels (2 to PLAN.prompt_rows positions, which feed() also multiplies there): the same
+        numbers as the two calls, each row's products being the kernels' alone."""
+        ids = feed.after_shared_prefix(ids)
+        start = feed.cache.length
+        fits = 2 <= len(ids) <= PLAN.prompt_rows and start // PREFILL_CHUNK == (start + len(ids) - 1) // PREFILL_CHUNK
+        if not fits:
+            last = self.forward(ids, feed.cache, updates=feed.updates)
+            return self.feed_batch(feeds, tokens), last
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as forward() for such a piece: the products are numba's
+        try:
+            with np.errstate(over="ignore"):
+                logits = self._forward_batch([f.cache for f in feeds], tokens, [f.updates for f in feeds],
+                                             (feed.cache, ids, feed.updates))
+            return torch.from_numpy(logits[:len(tokens)]), torch.from_numpy(logits[len(tokens)])
+        finally:
+            torch.set_num_threads(threads)
 
     @property
     def kv_bytes_per_position(self) -> int:
@@ -449,7 +475,13 @@ class LeanLlama:
             torch.set_num_threads(threads)
 
     @torch.inference_mode()
-    def _forward_batch(self, caches: list[KVCache], tokens: list[int], updates: list) -> np.ndarray:
+    def _forward_batch(self, caches: list[KVCache], tokens: list[int], updates: list,
+                       piece: tuple[KVCache, list[int], LowRankUpdates | None] | None = None) -> np.ndarray:
+        """One new token for each cache, and optionally a prompt piece for one more (its cache,
+        ids, updates) in the same products: logits [B (+ 1: the piece's last), vocab]. The
+        piece's rows follow the tokens' through every product; the rest of its work (rotary
+        angles, attention, low-rank updates, its last row's norm) is done on its rows alone, as
+        _forward does it, so that its numbers are _forward's."""
         count, heads, kv_heads = len(tokens), self.heads, self.kv_heads
         # rows grouped by the adapter they apply unmerged (rows without one: the weights as loaded)
         groups = [(np.array([row for row, u in enumerate(updates) if u is own]), own)
@@ -460,16 +492,29 @@ class LeanLlama:
         angles = torch.tensor([float(c.length) for c in caches], dtype=torch.float32)[:, None] * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1)  # [B, D]: each row at its own position
         cos, sin = angles.cos().numpy()[:, None], angles.sin().numpy()[:, None]
-        x = self.embed.rows(tokens)  # [B, hidden]
-        attended = np.empty((count, heads * self.head_dim), dtype=np.float32)
+        rows = count
+        if piece is not None:
+            piece_cache, piece_ids, piece_updates = piece
+            start, rows = piece_cache.length, count + len(piece_ids)
+            if start + len(piece_ids) > self.max_positions:
+                raise ValueError(f"{start + len(piece_ids)} positions > the model's {self.max_positions}")
+            piece_angles = torch.arange(start, start + len(piece_ids), dtype=torch.float32)[:, None] * self.inv_freq
+            piece_angles = torch.cat((piece_angles, piece_angles), dim=-1)
+            piece_cos, piece_sin = piece_angles.cos().numpy(), piece_angles.sin().numpy()
+            if piece_updates is not None:
+                groups.append((slice(count, rows), piece_updates))
+        x = self.embed.rows(tokens + (list(piece[1]) if piece is not None else []))  # [rows, hidden]
+        attended = np.empty((rows, heads * self.head_dim), dtype=np.float32)
         attention = TokenAttention(caches)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, self.eps)
             qkv = layer.qkv.matmat(h)
             self._update(qkv, h, (index, "qkv"), groups)
-            qkv = qkv.reshape(count, heads + 2 * kv_heads, self.head_dim)
+            if piece is not None:
+                attended[count:] = self._attend_piece_rows(index, qkv[count:], piece_cache, piece_cos, piece_sin)
+            qkv = qkv[:count].reshape(count, heads + 2 * kv_heads, self.head_dim)
             qk = _rotate(qkv[:, :heads + kv_heads], cos, sin)  # [B, q and k heads, D]
-            attention(index, qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:], attended)
+            attention(index, qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:], attended[:count])
             out = layer.o.matmat(attended)
             self._update(out, attended, (index, "o"), groups)
             x = x + out
@@ -480,12 +525,33 @@ class LeanLlama:
             out = layer.down.matmat(act)
             self._update(out, act, (index, "down"), groups)
             x = x + out
-        for cache in caches:
-            cache.length += 1
-        h = _rms_norm(x, self.norm, self.eps)
+        # the tokens' rows, then the piece's last (normed alone, as _forward norms it)
+        h = _rms_norm(x[:count], self.norm, self.eps)
+        if piece is not None:
+            h = np.concatenate((h, _rms_norm(x[rows - 1:rows], self.norm, self.eps)))
+            if piece_updates is not None:
+                groups[-1] = (slice(count, count + 1), piece_updates)
         logits = self.head.matmat(h)
         self._update(logits, h, (-1, "head"), groups)
+        for cache in caches:
+            cache.length += 1
+        if piece is not None:
+            piece_cache.length += len(piece[1])
         return logits
+
+    def _attend_piece_rows(self, index: int, qkv: np.ndarray, cache: KVCache, cos: np.ndarray,
+                           sin: np.ndarray) -> np.ndarray:
+        """A prompt piece's attention in layer `index` from its rows of the q/k/v product
+        [T, (heads + 2 kv_heads) * D], exactly as _forward computes it: -> [T, heads * D]."""
+        heads, kv_heads, count = self.heads, self.kv_heads, qkv.shape[0]
+        start = cache.length
+        qkv = qkv.copy().reshape(count, heads + 2 * kv_heads, self.head_dim).transpose(1, 0, 2)
+        qk = _rotate(qkv[:heads + kv_heads], cos, sin)
+        q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
+        keys_t, values = cache.extend(index, k, v)
+        if start == 0:  # the prompt's first piece attends to itself
+            return self._attend_prompt(q, k, v)
+        return self._attend_piece(q, keys_t, values, start)  # a later piece: to the positions before it too
 
     @torch.inference_mode()
     def _forward(self, ids: list[int], cache: KVCache, logits: bool = True,
@@ -505,18 +571,13 @@ class LeanLlama:
             h = _rms_norm(x, layer.input_norm, self.eps)
             qkv = _product(h, layer.qkv, self.scratch)
             self._update(qkv, h, (index, "qkv"), groups)
-            qkv = qkv.reshape(count, heads + 2 * kv_heads, self.head_dim).transpose(1, 0, 2)
-            qk = _rotate(qkv[:heads + kv_heads], cos, sin)  # q and k heads in one go
-            q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
             if count == 1:  # as a batch step attends each row: the same kernel, the same bits
+                qkv = qkv.reshape(1, heads + 2 * kv_heads, self.head_dim)
+                qk = _rotate(qkv[:, :heads + kv_heads], cos, sin)
                 attended = np.empty((1, heads * self.head_dim), np.float32)
-                attention(index, q[:, 0][None], k[:, 0][None], v[:, 0][None], attended)
+                attention(index, qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:], attended)
             else:
-                keys_t, values = cache.extend(index, k, v)
-                if start == 0:  # the prompt's first piece attends to itself
-                    attended = self._attend_prompt(q, k, v)
-                else:  # a later piece: to the positions before it, and causally to itself
-                    attended = self._attend_piece(q, keys_t, values, start)
+                attended = self._attend_piece_rows(index, qkv, cache, cos, sin)
             out = _product(attended, layer.o, self.scratch)
             self._update(out, attended, (index, "o"), groups)
             x = x + out

@@ -75,7 +75,8 @@ def vector_plan(avx512: bool) -> Plan:
         next tile asked for while a tile's later passes run. Against 16 lanes x 4 on one weight
         row: 1 row 13.8-14.7 instead of 16.8 ms, 8 rows 16.5-17.9 instead of 20.2, 32 rows 40-47
         instead of 74 (torch 44). 16 x 2 on 3 weight rows, 4 x 6, 4 x 8 or 2 x 8 tiles were no
-        faster. Prompts by torch;
+        faster. Prompt pieces of up to 32 positions here too: 16 rows 27.6 ms against torch's
+        39.5, 24 rows 31.4 against 40.9, 32 rows about even (44), 40 rows and more slower;
       - with AVX2 only (16 registers of 8 lanes; 2-core AMD EPYC, Zen 3): the AVX-512 plan of
         16 x 4 on one weight row spilled half its sums to the stack; 8 lanes x 1 took 8 rows'
         products from 62 to 47 ms and 16 rows' from 109 to 80 (one row: 37 and 35 ms,
@@ -85,7 +86,7 @@ def vector_plan(avx512: bool) -> Plan:
         measured there yet: one weight row a pass.) torch's fp32 product (MKL) was slower than
         these kernels up to ~40 rows: a prompt piece of 8 / 16 / 32 positions took 137 / 137 /
         178 ms by torch, 60 / 79 / 159 ms here (64: 243 vs 303)."""
-    return Plan(16, 1, 4, 0) if avx512 else Plan(8, 1, 1, 32)
+    return Plan(16, 1, 4, 32) if avx512 else Plan(8, 1, 1, 32)
 
 
 PLAN = vector_plan(_has_avx512())

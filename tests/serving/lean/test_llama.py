@@ -1,6 +1,7 @@
 """LeanLlama (CPU serving path) against transformers' LlamaForCausalLM and PEFT: logits at every
 step through the KV cache, greedy tokens, adapter merge, tokenizer ids, and what falls back."""
 
+import contextlib
 import json
 import warnings
 
@@ -263,3 +264,55 @@ def test_a_long_prompt_fed_in_pieces_equals_transformers(tmp_path, tiny_tokenize
     for start in range(0, len(prompt), 16):
         last = lean.forward(prompt[start:start + 16], pieces)
     assert torch.equal(last, got[0])
+
+
+def random_updates(lean, seed, rank=4):
+    """A request's own adapter on q_proj, down_proj and the head, unmerged (random weights)."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"model.layers.0.self_attn.q_proj": (lean.hidden, lean.heads * lean.head_dim),
+              "model.layers.1.mlp.down_proj": (lean.intermediate, lean.hidden),
+              "lm_head": (lean.hidden, lean.head.shape[0])}
+    pairs = {name: (torch.randn(rank, width, generator=generator) * 0.3, torch.randn(out, rank, generator=generator) * 0.3)
+             for name, (width, out) in shapes.items()}
+    return lean.low_rank_updates(pairs, f"adapter {seed}")
+
+
+@pytest.mark.parametrize("piece_length", [2, 5, "prompt_rows", "prompt_rows + 1"])
+@pytest.mark.parametrize("cached", [0, 7])
+@pytest.mark.parametrize("piece_adapter", [False, True])
+def test_a_prompt_piece_in_a_batch_step_gets_what_it_gets_alone(tmp_path, tiny_tokenizer_dir, piece_length, cached,
+                                                                 piece_adapter):
+    """feed_batch_and_piece (a prompt piece's rows in the decoding rows' pass): every row's logits,
+    the piece's last logits and the next step equal feeding the piece alone and then the batch,
+    bit for bit; with adapters unmerged on some rows and on the piece, at a prompt's start (its
+    shared head copied in) or after cached positions; a piece too long to ride goes apart."""
+    from alpaca_tune.serving.lean.matvec import PLAN
+
+    save_model(tmp_path, tiny_tokenizer_dir)
+    lean = LeanLlama.load(tmp_path)
+    rows = max(PLAN.prompt_rows, 1)
+    length = {"prompt_rows": rows, "prompt_rows + 1": rows + 1}.get(piece_length, piece_length)
+    adapters = [random_updates(lean, 1), None, random_updates(lean, 2)]
+    piece_updates = random_updates(lean, 3) if piece_adapter else None
+    prompts = [PROMPT, PROMPT[:3], [1, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86]]
+    head = [1, 60, 61, 62]  # a shared template head, restored at the prompt's start
+    piece = (head if not cached else []) + [100 + (i * 13) % 200 for i in range(length)]
+    results = []
+    for together in (False, True):
+        with contextlib.ExitStack() as stack:
+            feeds = [stack.enter_context(lean.feeder(60, updates)) for updates in adapters]
+            for feed, prompt in zip(feeds, prompts):
+                feed(prompt)
+            reading = stack.enter_context(lean.feeder(60, piece_updates, shared_prefix=0 if cached else len(head)))
+            if cached:
+                reading([1] + list(range(30, 30 + cached - 1)))
+            if together:
+                step, last = lean.feed_batch_and_piece(feeds, [50, 61, 72], reading, piece)
+            else:
+                last = reading(piece)
+                step = lean.feed_batch(feeds, [50, 61, 72])
+            after = lean.feed_batch(feeds + [reading], [5, 6, 7, 8])
+            results.append((step, last, after, [f.cache.length for f in feeds + [reading]]))
+    (step, last, after, lengths), (step_2, last_2, after_2, lengths_2) = results
+    assert torch.equal(step, step_2) and torch.equal(last, last_2) and torch.equal(after, after_2)
+    assert lengths == lengths_2 == [10, 5, 13, cached + len(piece) + 1]
