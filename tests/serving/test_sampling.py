@@ -58,3 +58,17 @@ def test_next_token_is_argmax_when_greedy_and_seeded_when_sampling():
     masked = torch.full((1, 50), float("-inf"))
     masked[0, 17] = 0.0
     assert int(next_token(masked, params, torch.Generator())) == 17
+
+
+def test_greedy_picks_what_torch_argmax_picks_on_ties_nan_and_inf():
+    """Greedy on CPU goes through numpy's argmax: the same id as torch's, [1, 1] int64, for
+    ties (the first), NaN (taken as the largest), infinities, and random rows of a big vocabulary."""
+    rows = [torch.tensor([[1.0, 5.0, 5.0, 2.0]]), torch.tensor([[0.0, float("nan"), 9.0, float("nan")]]),
+            torch.tensor([[float("-inf"), float("inf"), float("inf")]]), torch.full((1, 6), float("-inf"))]
+    generator = torch.Generator().manual_seed(0)
+    rows += [torch.randn(1, 49152, generator=generator) for _ in range(5)]
+    rows += [torch.randn(3, 100, generator=generator)[1:2]]  # a row of a larger tensor
+    for scores in rows:
+        got = next_token(scores, SamplingParams(temperature=0.0), torch.Generator())
+        expected = scores.argmax(dim=-1, keepdim=True)
+        assert got.dtype == torch.int64 and got.shape == (1, 1) and torch.equal(got, expected), scores
