@@ -503,7 +503,7 @@ class LeanLlama:
             piece_cos, piece_sin = piece_angles.cos().numpy(), piece_angles.sin().numpy()
             if piece_updates is not None:
                 groups.append((slice(count, rows), piece_updates))
-        x = self.embed.rows(tokens + (list(piece[1]) if piece is not None else []))  # [rows, hidden]
+        x = self.embed.rows(tokens + (list(piece_ids) if piece is not None else []))  # [rows, hidden]
         attended = np.empty((rows, heads * self.head_dim), dtype=np.float32)
         attention = TokenAttention(caches)
         for index, layer in enumerate(self.layers):
@@ -529,14 +529,14 @@ class LeanLlama:
         h = _rms_norm(x[:count], self.norm, self.eps)
         if piece is not None:
             h = np.concatenate((h, _rms_norm(x[rows - 1:rows], self.norm, self.eps)))
-            if piece_updates is not None:
+            if piece_updates is not None:  # the piece's group, appended last above: now its last row alone
                 groups[-1] = (slice(count, count + 1), piece_updates)
         logits = self.head.matmat(h)
         self._update(logits, h, (-1, "head"), groups)
         for cache in caches:
             cache.length += 1
         if piece is not None:
-            piece_cache.length += len(piece[1])
+            piece_cache.length += len(piece_ids)
         return logits
 
     def _attend_piece_rows(self, index: int, qkv: np.ndarray, cache: KVCache, cos: np.ndarray,
