@@ -13,12 +13,14 @@ clients serve, one request at a time, and the ratio between rounds is the batchi
 Reported per C: aggregate output tokens/s (the server's own output_token_count over the wall time
 of the round; a 409, which coglet answers for a few ms after each answer while it frees the slot,
 is retried and counted), time to first chunk (p50/p99 over requests) and the gap between chunks
-(p50/p99), and aggregate tokens/s relative to the first round. --repeats N runs every round N
-times, interleaved, and shows the median round of each level and every run's figures. With
---adapters K,...: the same at
-each concurrency with every request naming one of K distinct adapters (lora_weights, round robin;
-random rank-8 LoRAs of q_proj and v_proj made for the run and served from
-$ALPACA_TUNE_ADAPTER_DIR), relative to the first round.
+(p50/p99), aggregate tokens/s relative to the first round, and the requests in flight on
+average (each one's time from sending to its answer's end, summed, over the round's wall time).
+That stays below C for the round's tail, where fewer than C clients have a request left: the
+default round of 96 gives each of 16 clients 6 requests, so the tail is a small part of it.
+--repeats N runs every round N times, interleaved, and shows the median round of each level and
+every run's figures. With --adapters K,...: the same at each concurrency with every request
+naming one of K distinct adapters (lora_weights, round robin; random rank-8 LoRAs of q_proj and
+v_proj made for the run and served from $ALPACA_TUNE_ADAPTER_DIR), relative to the first round.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def make_adapters(base: Path, count: int, directory: Path) -> list[str]:
 def one_round(server: CogServer, clients: int, pool: list[dict], max_new_tokens: int,
               adapters: list[str] | None = None) -> dict:
     """Every request of `pool`, `clients` at a time (each client takes the next one left)."""
-    firsts, gaps, tokens, failures, retries = [], [], [], [], []
+    firsts, gaps, tokens, failures, retries, spans = [], [], [], [], [], []
     lock = threading.Lock()
     left = iter(range(len(pool)))
 
@@ -120,6 +122,7 @@ def one_round(server: CogServer, clients: int, pool: list[dict], max_new_tokens:
                     elif event == "completed":
                         final = data
             with lock:
+                spans.append(time.monotonic() - started)
                 if final is None or final.get("status") != "succeeded":
                     failures.append(final)
                     continue
@@ -134,7 +137,8 @@ def one_round(server: CogServer, clients: int, pool: list[dict], max_new_tokens:
     return {"clients": clients, "requests": len(pool), "failed": len(failures), "retried": len(retries),
             "tokens": sum(tokens), "wall": wall, "tokens_per_s": sum(tokens) / wall,
             "ttft_p50": percentile(firsts, 0.5), "ttft_p99": percentile(firsts, 0.99),
-            "gap_p50": percentile(gaps, 0.5), "gap_p99": percentile(gaps, 0.99)}
+            "gap_p50": percentile(gaps, 0.5), "gap_p99": percentile(gaps, 0.99),
+            "in_flight": sum(spans) / wall}
 
 
 def median_round(rounds: list[dict]) -> dict:
@@ -147,8 +151,9 @@ def median_round(rounds: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated numbers of clients at once")
-    parser.add_argument("--round", type=int, default=32,
-                        help="predictions in every round, the same ones at each concurrency")
+    parser.add_argument("--round", type=int, default=96,
+                        help="predictions in every round, the same ones at each concurrency (enough that "
+                             "the round's tail, where fewer than C clients have one left, is a small part)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every round this many times, interleaved; report each level's median")
@@ -181,11 +186,11 @@ def main(argv: list[str] | None = None) -> None:
             rows = [(name, median_round(runs[name])) for name, _, _ in plan]
     reference = rows[0][1]["tokens_per_s"] if rows else None
     print(f"{'clients' + ('x adapters' if counts else ''):>18} {'requests':>8} {'failed':>6} {'409s':>5} {'tokens':>7} "
-          f"{'tokens/s':>9} {'vs first':>8} {'TTFT p50':>9} {'p99':>7} {'gap p50':>8} {'p99':>7}")
+          f"{'tokens/s':>9} {'vs first':>8} {'TTFT p50':>9} {'p99':>7} {'gap p50':>8} {'p99':>7} {'in flight':>9}")
     for name, row in rows:
         print(f"{name:>18} {row['requests']:8d} {row['failed']:6d} {row['retried']:5d} {row['tokens']:7d} {row['tokens_per_s']:9.1f} "
               f"{row['tokens_per_s'] / reference:7.2f}x {row['ttft_p50'] * 1000:7.0f}ms {row['ttft_p99'] * 1000:5.0f}ms "
-              f"{row['gap_p50'] * 1000:6.1f}ms {row['gap_p99'] * 1000:5.1f}ms")
+              f"{row['gap_p50'] * 1000:6.1f}ms {row['gap_p99'] * 1000:5.1f}ms {row['in_flight']:9.2f}")
     if args.repeats > 1:
         first = runs[rows[0][0]]
         print("tokens/s of each run, and its ratio to the first level's in the same pass:")

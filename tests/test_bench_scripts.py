@@ -33,6 +33,8 @@ def test_bench_serve_drives_the_real_server_at_each_concurrency(tiny_model_dir):
     assert [(row[0], row[1], row[2]) for row in rows] == [("1", "6", "0"), ("3", "6", "0")]  # clients, requests, failed
     assert all(int(row[4]) > 0 for row in rows)  # tokens the server counted
     assert rows[0][4] == rows[1][4]  # the same greedy predictions in both rounds: the same tokens
+    in_flight = [float(row[-1]) for row in rows]  # requests at once, on average over the round
+    assert 0 < in_flight[0] <= 1.0 < in_flight[1] <= 3.0
     out = run_script("scripts/bench_serve.py", "--base_model", str(tiny_model_dir), "--concurrency", "3",
                      "--round", "6", "--max_new_tokens", "6", "--adapters", "1,3")
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
