@@ -3,12 +3,47 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
 from conftest import TINY_RECORDS
 
 from alpaca_tune.webui.training_job import TrainingJob
+
+# A stand-in for train.py that writes into its output folder, removes it on Ctrl-C, and drops
+# the first `argv[2]` Ctrl-Cs (as Python drops a KeyboardInterrupt raised inside a finalizer);
+# -1: it never heeds one.
+STUBBORN = """
+import pathlib, shutil, signal, sys, time
+out, drops = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+out.mkdir(); (out / "partial").write_text("x")
+dropped = 0
+def on_interrupt(number, frame):
+    global dropped
+    dropped += 1
+    if drops < 0 or dropped <= drops:
+        return
+    raise KeyboardInterrupt
+signal.signal(signal.SIGINT, on_interrupt)
+print("step 1/100000 loss 1.0 ETA 9:00", flush=True)
+try:
+    while True:
+        time.sleep(0.05)
+except KeyboardInterrupt:
+    shutil.rmtree(out)
+    raise
+"""
+
+
+def stubborn_job(tmp_path, drops: int) -> TrainingJob:
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-c", STUBBORN, str(out), str(drops)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    job = TrainingJob(out, process, made_output_dir=True)
+    wait(lambda: out.exists() and (out / "partial").exists(), 30)
+    return job
 
 pytestmark = pytest.mark.slow  # a real train.py run in a child process
 
@@ -50,3 +85,18 @@ def test_a_failed_job_says_why(tmp_path, tiny_model_dir):
     job = TrainingJob.start({"train_data": str(data), "base_model": str(tiny_model_dir)}, tmp_path / "out")
     wait(lambda: not job.running)
     assert "field 'output' is empty" in job.status() and job.archive is None
+
+
+def test_cancel_asks_again_when_a_ctrl_c_is_dropped(tmp_path):
+    job = stubborn_job(tmp_path, drops=2)
+    started = time.monotonic()
+    job.cancel()
+    assert not job.running and job.process.returncode != 0 and time.monotonic() - started < 15
+    assert job.status() == "cancelled; nothing was kept" and not job.output_dir.exists()  # its own cleanup ran
+
+
+def test_cancel_kills_a_run_that_never_heeds_ctrl_c_and_removes_its_output(tmp_path):
+    job = stubborn_job(tmp_path, drops=-1)
+    job.cancel(grace=3)
+    assert not job.running and job.process.returncode == -9
+    assert job.status() == "cancelled; nothing was kept" and not job.output_dir.exists()

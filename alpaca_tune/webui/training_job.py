@@ -7,7 +7,9 @@ are read as they come; the step lines (step, loss, ETA) feed the progress bar an
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,15 +35,17 @@ class TrainingJob:
     total_steps: int = 0
     eta: str = ""
     cancelled: bool = False
+    made_output_dir: bool = False  # the folder did not exist before this job
 
     @classmethod
     def start(cls, arguments: dict[str, object], output_dir: Path) -> TrainingJob:
         """train.py with these settings (TrainSettings fields; the rest at their defaults)."""
         settings = TrainSettings(**arguments, output_dir=str(output_dir))
+        made = not output_dir.exists()
         command = [sys.executable, str(PROJECT_ROOT / "train.py"), *to_args(settings)]
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, bufsize=1)
-        job = cls(output_dir, process)
+        job = cls(output_dir, process, made_output_dir=made)
         threading.Thread(target=job._read, daemon=True).start()
         return job
 
@@ -80,12 +84,21 @@ class TrainingJob:
             return 0.0 if self.running else 1.0
         return self.steps[-1][0] / self.total_steps
 
-    def cancel(self) -> None:
+    def cancel(self, grace: float = 30) -> None:
+        """Ctrl-C for train.py, which then removes what it had written, as on the command line.
+        Sent again every 2 s until it ends, since Python drops a KeyboardInterrupt that lands
+        while it runs a finalizer ("Exception ignored in ..."), and the run would train on. Past
+        `grace` seconds it is killed, and its output folder, if the job made it, removed here."""
+        if not self.running:
+            return
+        self.cancelled = True
+        deadline = time.monotonic() + grace
+        while self.running and time.monotonic() < deadline:
+            self.process.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=min(2.0, max(0.0, deadline - time.monotonic())))
         if self.running:
-            self.cancelled = True
-            self.process.send_signal(signal.SIGINT)  # train.py removes its output, as after Ctrl-C
-            deadline = time.monotonic() + 30
-            while self.running and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if self.running:
-                self.process.kill()
+            self.process.kill()
+            self.process.wait()
+            if self.made_output_dir:
+                shutil.rmtree(self.output_dir, ignore_errors=True)
