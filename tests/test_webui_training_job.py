@@ -12,6 +12,16 @@ from conftest import TINY_RECORDS
 
 from alpaca_tune.webui.training_job import TrainingJob
 
+pytestmark = pytest.mark.slow  # a real train.py run in a child process
+
+
+def wait(condition, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 # A stand-in for train.py that writes into its output folder, removes it on Ctrl-C, and drops
 # the first `argv[2]` Ctrl-Cs (as Python drops a KeyboardInterrupt raised inside a finalizer);
 # -1: it never heeds one.
@@ -27,7 +37,6 @@ def on_interrupt(number, frame):
         return
     raise KeyboardInterrupt
 signal.signal(signal.SIGINT, on_interrupt)
-print("step 1/100000 loss 1.0 ETA 9:00", flush=True)
 try:
     while True:
         time.sleep(0.05)
@@ -39,20 +48,10 @@ except KeyboardInterrupt:
 
 def stubborn_job(tmp_path, drops: int) -> TrainingJob:
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-c", STUBBORN, str(out), str(drops)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "-c", STUBBORN, str(out), str(drops)])
     job = TrainingJob(out, process, made_output_dir=True)
     wait(lambda: out.exists() and (out / "partial").exists(), 30)
     return job
-
-pytestmark = pytest.mark.slow  # a real train.py run in a child process
-
-
-def wait(condition, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
 
 
 def test_a_job_reports_steps_and_cancel_leaves_nothing(tmp_path, tiny_model_dir):
